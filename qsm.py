@@ -1,0 +1,469 @@
+# Q-Score Matching (QSM): a diffusion-model policy learned from rewards by matching its score to ∇ₐQ.
+# Psenka, Escontrela, Abbeel, Ma, "Learning a Diffusion Model Policy from Rewards via Q-Score Matching", ICML 2024,
+# arXiv 2312.11752. Official JAX code: github.com/Alescontrela/score_matching_rl. Run: python qsm.py --env-id Walker2d-v4
+import math
+import os
+import random
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tqdm
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of this experiment (first part of run_name)"""
+    seed: int = 1
+    """seed of python, numpy, torch and the environments"""
+    torch_deterministic: bool = True
+    """sets `torch.backends.cudnn.deterministic` (GPU convolutions; CPU runs of one seed repeat anyway)"""
+    cuda: bool = True
+    """use CUDA when a GPU is present (falls back to CPU with a message)"""
+    track: bool = False
+    """log to Weights & Biases as well as TensorBoard"""
+    wandb_project_name: str = "qsm"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+    save_model: bool = False
+    """save a checkpoint to `runs/{run_name}/qsm.pt` at the end of training"""
+    checkpoint: Optional[str] = None
+    """path of a checkpoint to load (networks and their architecture flags)"""
+    eval_only: bool = False
+    """with --checkpoint: evaluate the loaded policy for --eval-episodes episodes and exit"""
+
+    env_id: str = "Walker2d-v4"
+    """the Gymnasium environment id (Box action space, flat Box observations)"""
+    total_timesteps: int = 1_000_000
+    """total environment steps, summed over all --num-envs copies"""
+    num_envs: int = 1
+    """number of environment copies stepped together (gym.vector.SyncVectorEnv)"""
+    buffer_size: int = 1_000_000
+    """replay buffer capacity, in transitions"""
+    learning_starts: int = 10_000
+    """env steps of uniform random actions before the first update ("start_training" in the official code)"""
+    batch_size: int = 256
+    """transitions per gradient update"""
+    utd_ratio: int = 1
+    """gradient updates per environment step (update-to-data ratio)"""
+    gamma: float = 0.99
+    """discount factor γ"""
+    tau: float = 0.005
+    """Polyak rate τ of the target critics"""
+    critic_lr: float = 3e-4
+    """Adam learning rate of the twin critics"""
+    actor_lr: float = 3e-4
+    """Adam learning rate of the denoiser ε_θ (initial value of its cosine decay)"""
+    actor_lr_decay_steps: int = 2_000_000
+    """updates over which the actor LR decays to 0 by a cosine ("decay_steps" in the official code; 0 = constant)"""
+    actor_hidden_dims: tuple[int, ...] = (512, 512)
+    """hidden widths of the denoiser MLP (mish)"""
+    critic_hidden_dims: tuple[int, ...] = (512, 512)
+    """hidden widths of each critic MLP (relu)"""
+    time_dim: int = 64
+    """size of the learnable Fourier features of the diffusion step t ("time_dim" in the official code)"""
+    diffusion_steps: int = 5
+    """number of DDPM steps, T in the paper and the official code"""
+    beta_schedule: Literal["vp", "cosine", "linear"] = "vp"
+    """noise schedule β₁..β_T ("beta_schedule" in the official code)"""
+    q_grad_scale: float = 50.0
+    """M_q: the denoiser is regressed onto -M_q·∇ₐQ ("M_q" in the official code, α in Alg. 1 of the paper)"""
+    ddpm_temperature: float = 1.0
+    """scale of the noise injected at each reverse step ("ddpm_temperature" in the official code)"""
+    clip_sampler: bool = True
+    """clip the action to [-1, 1] after every reverse step ("clip_sampler" in the official code)"""
+    exploration_noise: float = 0.1
+    """std of the Gaussian noise added to sampled actions when acting"""
+    target_noise: float = 0.1
+    """std of the Gaussian noise added to the sampled next action a' in the critic target"""
+    eval_freq: int = 10_000
+    """evaluate the policy every this many env steps (0 = never)"""
+    eval_episodes: int = 5
+    """episodes per evaluation (DDPM sampling, no exploration noise)"""
+    log_freq: int = 250
+    """log losses and QSM diagnostics every this many env steps"""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Noise schedule: β_t, α_t = 1 - β_t, ᾱ_t = Π_{s≤t} α_s (DDPM, Ho et al. 2020). Index t = 0..T-1.
+# ---------------------------------------------------------------------------------------------------------------
+def make_beta_schedule(name: str, T: int) -> torch.Tensor:
+    if name == "vp":  # variance-preserving SDE discretised (Song et al. 2021), b_min = 0.1, b_max = 10
+        t = torch.arange(1, T + 1, dtype=torch.float64)
+        b_min, b_max = 0.1, 10.0
+        betas = 1 - torch.exp(-b_min / T - 0.5 * (b_max - b_min) * (2 * t - 1) / T**2)
+    elif name == "cosine":  # Nichol & Dhariwal 2021, s = 0.008
+        s = 0.008
+        t = torch.linspace(0, T, T + 1, dtype=torch.float64) / T
+        alpha_bar = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+        betas = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+    elif name == "linear":  # Ho et al. 2020
+        betas = torch.linspace(1e-4, 2e-2, T, dtype=torch.float64)
+    else:
+        raise ValueError(f"unknown beta schedule {name!r}")
+    return betas.float()
+
+
+class Schedule:
+    def __init__(self, name: str, T: int, device: torch.device):
+        self.T = T
+        self.betas = make_beta_schedule(name, T).to(device)  # β_t
+        self.alphas = 1 - self.betas  # α_t
+        self.alpha_bars = torch.cumprod(self.alphas, 0)  # ᾱ_t
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Networks: the denoiser ε_θ(s, aₜ, t) and the twin critics Q_φ1, Q_φ2 (one ensemble network).
+# ---------------------------------------------------------------------------------------------------------------
+def mlp(in_dim: int, hidden_dims: tuple[int, ...], out_dim: int, act: type[nn.Module]) -> nn.Sequential:
+    layers, d = [], in_dim
+    for h in hidden_dims:
+        layers += [nn.Linear(d, h), act()]
+        d = h
+    return nn.Sequential(*layers, nn.Linear(d, out_dim))
+
+
+class FourierFeatures(nn.Module):
+    """Learnable Fourier features of the diffusion step: [cos 2πtW, sin 2πtW], W ~ N(0, 0.2²)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.w = nn.Parameter(0.2 * torch.randn(dim // 2))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        f = 2 * math.pi * t.float()[:, None] * self.w
+        return torch.cat([f.cos(), f.sin()], dim=-1)
+
+
+class Denoiser(nn.Module):
+    """ε_θ(s, aₜ, t): predicts the noise in aₜ; input [aₜ, s, time embedding], as in the official code."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: tuple[int, ...], time_dim: int):
+        super().__init__()
+        self.time_embed = nn.Sequential(FourierFeatures(time_dim), mlp(time_dim, (128,), 128, nn.Mish))
+        self.net = mlp(act_dim + obs_dim + 128, hidden_dims, act_dim, nn.Mish)
+
+    def forward(self, s: torch.Tensor, a_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([a_t, s, self.time_embed(t)], dim=-1))
+
+
+class EnsembleLinear(nn.Module):
+    """E independent linear layers applied in one batched matmul: (E, B, in) -> (E, B, out)."""
+
+    def __init__(self, num: int, in_dim: int, out_dim: int):
+        super().__init__()
+        bound = 1 / math.sqrt(in_dim)  # nn.Linear's default init, per member
+        self.weight = nn.Parameter(torch.empty(num, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(num, 1, out_dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class TwinQ(nn.Module):
+    """Q_φ1(s, a), Q_φ2(s, a) as one network with an ensemble dimension; forward returns (2, B)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: tuple[int, ...], num: int = 2):
+        super().__init__()
+        dims = (obs_dim + act_dim, *hidden_dims)
+        self.hidden = nn.ModuleList(EnsembleLinear(num, i, o) for i, o in zip(dims[:-1], dims[1:]))
+        self.out = EnsembleLinear(num, dims[-1], 1)
+        self.num = num
+
+    def forward(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([s, a], dim=-1).expand(self.num, -1, -1)
+        for layer in self.hidden:
+            x = F.relu(layer(x))
+        return self.out(x).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Replay buffer: preallocated float32 numpy arrays; actions are stored in the policy's [-1, 1] space.
+# ---------------------------------------------------------------------------------------------------------------
+class ReplayBuffer:
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
+        self.obs = np.zeros((capacity, obs_dim), np.float32)
+        self.next_obs = np.zeros((capacity, obs_dim), np.float32)
+        self.actions = np.zeros((capacity, act_dim), np.float32)
+        self.rewards = np.zeros(capacity, np.float32)
+        self.terminated = np.zeros(capacity, np.float32)
+        self.capacity, self.size, self.pos, self.device = capacity, 0, 0, device
+
+    def add(self, obs, next_obs, actions, rewards, terminated, keep):
+        """Store the rows where `keep` is true (the others are Gymnasium's autoreset steps)."""
+        for row in np.flatnonzero(keep):
+            i = self.pos
+            self.obs[i], self.next_obs[i], self.actions[i] = obs[row], next_obs[row], actions[row]
+            self.rewards[i], self.terminated[i] = rewards[row], terminated[row]
+            self.pos, self.size = (i + 1) % self.capacity, min(self.size + 1, self.capacity)
+
+    def sample(self, batch_size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        idx = rng.integers(0, self.size, batch_size)
+        arrays = dict(obs=self.obs, next_obs=self.next_obs, actions=self.actions, rewards=self.rewards,
+                      terminated=self.terminated)
+        return {k: torch.from_numpy(v[idx]).to(self.device) for k, v in arrays.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DDPM sampler (Ho et al. 2020, Alg. 2): a_T ~ N(0, I); a_{t-1} = (a_t - β_t/√(1-ᾱ_t)·ε_θ)/√α_t + σ_t z.
+# ---------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def ddpm_sample(denoiser: Denoiser, sched: Schedule, s: torch.Tensor, act_dim: int, temperature: float = 1.0,
+                clip: bool = True) -> torch.Tensor:
+    a = torch.randn(s.shape[0], act_dim, device=s.device)  # a_T
+    for t in reversed(range(sched.T)):
+        eps = denoiser(s, a, torch.full((s.shape[0],), t, device=s.device))
+        a = (a - sched.betas[t] / (1 - sched.alpha_bars[t]).sqrt() * eps) / sched.alphas[t].sqrt()  # μ_θ(a_t, t)
+        if t > 0:
+            a = a + temperature * sched.betas[t].sqrt() * torch.randn_like(a)  # σ_t = √β_t
+        if clip:
+            a = a.clamp(-1, 1)
+    return a.clamp(-1, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Losses. Critic: clipped double-Q TD target. Actor: Q-score matching, ‖ε_θ(s, aₜ, t) + M_q·∇ₐQ(s, aₜ)‖².
+# ---------------------------------------------------------------------------------------------------------------
+def critic_loss(qf, qf_target, denoiser, sched, batch, args: Args):
+    with torch.no_grad():
+        next_a = ddpm_sample(denoiser, sched, batch["next_obs"], batch["actions"].shape[1], args.ddpm_temperature,
+                             args.clip_sampler)  # a' ~ π(·|s')
+        next_a = (next_a + args.target_noise * torch.randn_like(next_a)).clamp(-1, 1)
+        next_q = qf_target(batch["next_obs"], next_a).min(0).values  # min_i Q̄_i(s', a')
+        y = batch["rewards"] + args.gamma * (1 - batch["terminated"]) * next_q  # only `terminated` cuts bootstrap
+    q = qf(batch["obs"], batch["actions"])  # (2, B)
+    per_q = ((q - y) ** 2).mean(1)
+    return per_q.sum(), {"losses/qf1_loss": per_q[0].detach(), "losses/qf2_loss": per_q[1].detach(),
+                         "losses/qf1_values": q[0].mean().detach()}
+
+
+def qsm_loss(denoiser, qf, sched, batch, args: Args):
+    a0, s = batch["actions"], batch["obs"]
+    t = torch.randint(0, sched.T, (a0.shape[0],), device=a0.device)  # t ~ U{0..T-1}
+    ab = sched.alpha_bars[t][:, None]
+    a_t = (ab.sqrt() * a0 + (1 - ab).sqrt() * torch.randn_like(a0)).requires_grad_(True)  # forward process q(aₜ|a₀)
+    dq_da = torch.autograd.grad(qf(s, a_t).mean(0).sum(), a_t)[0]  # ∇ₐQ(s, aₜ), mean of both critics; no critic grads
+    a_t = a_t.detach()
+    eps = denoiser(s, a_t, t)  # ε_θ(s, aₜ, t)
+    loss = ((eps + args.q_grad_scale * dq_da) ** 2).sum(-1).mean()  # ‖ε_θ + M_q ∇ₐQ‖²
+    with torch.no_grad():  # diagnostics: the score -ε_θ should point along ∇ₐQ
+        align = F.cosine_similarity(-eps, dq_da, dim=-1).mean()
+        diag = {"losses/actor_loss": loss.detach(), "qsm/score_alignment": align,
+                "qsm/dq_da_norm": dq_da.norm(dim=-1).mean(), "qsm/eps_norm": eps.norm(dim=-1).mean()}
+    return loss, diag
+
+
+@torch.no_grad()
+def polyak_update(net: nn.Module, target: nn.Module, tau: float):
+    for p, tp in zip(net.parameters(), target.parameters()):
+        tp.lerp_(p, tau)  # φ̄ ← (1-τ)φ̄ + τφ
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Environment helpers, input checks and evaluation.
+# ---------------------------------------------------------------------------------------------------------------
+def fail(msg: str):
+    sys.exit(f"qsm.py: error: {msg}")
+
+
+def make_env(env_id: str):
+    try:
+        return gym.make(env_id)
+    except gym.error.Error as e:
+        fail(f"cannot make environment {env_id!r}: {e}")
+
+
+def check_spaces(env_id: str, obs_space: gym.Space, act_space: gym.Space):
+    if not isinstance(act_space, gym.spaces.Box):
+        fail(f"{env_id} has a {type(act_space).__name__} action space; QSM needs a continuous Box action space")
+    if not (np.isfinite(act_space.low).all() and np.isfinite(act_space.high).all()):
+        fail(f"{env_id} has an unbounded action space {act_space}; QSM needs finite bounds to rescale [-1, 1]")
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        fail(f"{env_id} has observations {obs_space}; QSM here needs a flat (1-D) Box observation space")
+
+
+def check_args(args: Args):
+    checks = [
+        (args.diffusion_steps >= 1, f"--diffusion-steps must be ≥ 1 (got {args.diffusion_steps})"),
+        (args.num_envs >= 1, f"--num-envs must be ≥ 1 (got {args.num_envs})"),
+        (args.batch_size >= 1, f"--batch-size must be ≥ 1 (got {args.batch_size})"),
+        (args.batch_size <= args.buffer_size,
+         f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}"),
+        (args.learning_starts >= 0, f"--learning-starts must be ≥ 0 (got {args.learning_starts})"),
+        (args.utd_ratio >= 1, f"--utd-ratio must be ≥ 1 (got {args.utd_ratio})"),
+        (0 < args.tau <= 1 and 0 <= args.gamma <= 1, "need 0 < --tau ≤ 1 and 0 ≤ --gamma ≤ 1"),
+        (all(h >= 1 for h in args.actor_hidden_dims + args.critic_hidden_dims), "hidden dims must be ≥ 1"),
+        (args.time_dim >= 2 and args.time_dim % 2 == 0, f"--time-dim must be even and ≥ 2 (got {args.time_dim})"),
+        (not args.eval_only or args.checkpoint, "--eval-only needs --checkpoint PATH"),
+        (args.eval_only or args.learning_starts < args.total_timesteps,
+         f"--learning-starts {args.learning_starts} ≥ --total-timesteps {args.total_timesteps}: no update would run"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            fail(msg)
+
+
+def to_env_action(a: np.ndarray, space: gym.spaces.Box) -> np.ndarray:
+    """Map the policy's a ∈ [-1, 1] linearly onto the env's Box [low, high]."""
+    return space.low + (a + 1) * 0.5 * (space.high - space.low)
+
+
+def evaluate(denoiser, sched, args: Args, device, episodes: int) -> list[float]:
+    env = make_env(args.env_id)
+    returns = []
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=args.seed + 10_000 + ep)
+        done, ep_return = False, 0.0
+        while not done:
+            s = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
+            a = ddpm_sample(denoiser, sched, s, env.action_space.shape[0], args.ddpm_temperature, args.clip_sampler)
+            obs, r, terminated, truncated, _ = env.step(to_env_action(a[0].cpu().numpy(), env.action_space))
+            ep_return += float(r)
+            done = terminated or truncated
+        returns.append(ep_return)
+    env.close()
+    return returns
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training loop.
+# ---------------------------------------------------------------------------------------------------------------
+def main(args: Args):
+    check_args(args)
+    probe = make_env(args.env_id)
+    check_spaces(args.env_id, probe.observation_space, probe.action_space)
+    obs_dim, act_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
+    probe.close()
+
+    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True) if args.checkpoint else None
+    if ckpt:  # the architecture comes from the checkpoint
+        for k in ("actor_hidden_dims", "critic_hidden_dims", "time_dim", "diffusion_steps", "beta_schedule"):
+            setattr(args, k, ckpt["args"][k])
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.cuda and not torch.cuda.is_available():
+        print("qsm.py: --cuda requested but no GPU found; running on CPU", file=sys.stderr)
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+
+    sched = Schedule(args.beta_schedule, args.diffusion_steps, device)
+    denoiser = Denoiser(obs_dim, act_dim, args.actor_hidden_dims, args.time_dim).to(device)
+    qf = TwinQ(obs_dim, act_dim, args.critic_hidden_dims).to(device)
+    qf_target = TwinQ(obs_dim, act_dim, args.critic_hidden_dims).to(device)
+    if ckpt:
+        denoiser.load_state_dict(ckpt["denoiser"])
+        qf.load_state_dict(ckpt["qf"])
+    qf_target.load_state_dict(qf.state_dict())
+
+    if args.eval_only:
+        returns = evaluate(denoiser, sched, args, device, args.eval_episodes)
+        print(f"eval {args.env_id}: return {np.mean(returns):.1f} ± {np.std(returns):.1f} over {len(returns)} episodes")
+        return {"eval_returns": returns}
+
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    q_opt = torch.optim.Adam(qf.parameters(), lr=args.critic_lr)
+    actor_opt = torch.optim.Adam(denoiser.parameters(), lr=args.actor_lr)
+    K = args.actor_lr_decay_steps  # cosine decay lr·½(1 + cos(π·min(k, K)/K)), as optax.cosine_decay_schedule
+    actor_sched = torch.optim.lr_scheduler.LambdaLR(
+        actor_opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, K) / K)) if K > 0 else 1.0)
+
+    envs = gym.vector.SyncVectorEnv([lambda: make_env(args.env_id) for _ in range(args.num_envs)])
+    envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
+    act_space = envs.single_action_space
+    rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim, device)
+    rng = np.random.default_rng(args.seed)
+
+    obs, _ = envs.reset(seed=args.seed)
+    autoreset = np.zeros(args.num_envs, dtype=bool)  # Gymnasium 1.x: the step after a done is a reset, not a transition
+    recent_returns, metrics, num_updates = deque(maxlen=10), {}, 0
+    global_step, start_time, next_eval, next_log = 0, time.time(), args.eval_freq, args.log_freq
+    pbar = tqdm.tqdm(total=args.total_timesteps, unit="step", dynamic_ncols=True)
+    while global_step < args.total_timesteps:
+        # act: uniform random before learning starts, then DDPM sample + N(0, σ²) exploration noise
+        if global_step < args.learning_starts:
+            actions = rng.uniform(-1, 1, (args.num_envs, act_dim)).astype(np.float32)
+        else:
+            s = torch.as_tensor(obs, dtype=torch.float32, device=device)
+            a = ddpm_sample(denoiser, sched, s, act_dim, args.ddpm_temperature, args.clip_sampler)
+            actions = (a + args.exploration_noise * torch.randn_like(a)).clamp(-1, 1).cpu().numpy()
+        next_obs, rewards, terminations, truncations, infos = envs.step(to_env_action(actions, act_space))
+        rb.add(obs, next_obs, actions, rewards, terminations, keep=~autoreset)
+        autoreset = terminations | truncations
+        obs = next_obs
+        global_step += args.num_envs
+        pbar.update(args.num_envs)
+
+        if "episode" in infos:
+            for i in np.flatnonzero(infos["_episode"]):
+                r, l = float(infos["episode"]["r"][i]), int(infos["episode"]["l"][i])
+                recent_returns.append(r)
+                writer.add_scalar("charts/episodic_return", r, global_step)
+                writer.add_scalar("charts/episodic_length", l, global_step)
+
+        # learn: UTD updates per env step, each a critic step, a QSM actor step and a Polyak step
+        if global_step > args.learning_starts:
+            for _ in range(args.utd_ratio * args.num_envs):
+                batch = rb.sample(args.batch_size, rng)
+                q_loss, q_info = critic_loss(qf, qf_target, denoiser, sched, batch, args)
+                q_opt.zero_grad()
+                q_loss.backward()
+                q_opt.step()
+                actor_loss, a_info = qsm_loss(denoiser, qf, sched, batch, args)
+                actor_opt.zero_grad()
+                actor_loss.backward()
+                actor_opt.step()
+                actor_sched.step()
+                polyak_update(qf, qf_target, args.tau)
+                num_updates += 1
+            metrics = {**q_info, **a_info}
+
+        if global_step >= next_log:
+            next_log += args.log_freq
+            sps = int(global_step / (time.time() - start_time))
+            writer.add_scalar("charts/SPS", sps, global_step)
+            for k, v in metrics.items():
+                writer.add_scalar(k, float(v), global_step)
+            if metrics:
+                writer.add_scalar("charts/actor_lr", actor_opt.param_groups[0]["lr"], global_step)
+            ret = f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a"
+            pbar.set_postfix(ret=ret, sps=sps, refresh=False)
+
+        if args.eval_freq > 0 and global_step >= next_eval:
+            next_eval += args.eval_freq
+            returns = evaluate(denoiser, sched, args, device, args.eval_episodes)
+            writer.add_scalar("eval/episodic_return", np.mean(returns), global_step)
+    pbar.close()
+
+    if args.save_model:
+        path = f"runs/{run_name}/qsm.pt"
+        torch.save({"denoiser": denoiser.state_dict(), "qf": qf.state_dict(), "args": vars(args)}, path)
+        print(f"model saved to {path}; evaluate it with: python qsm.py --env-id {args.env_id} --checkpoint {path} --eval-only")
+    envs.close()
+    writer.close()
+    return {"rb": rb, "denoiser": denoiser, "qf": qf, "run_dir": f"runs/{run_name}", "num_updates": num_updates,
+            "episodic_returns": list(recent_returns)}
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
