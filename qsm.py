@@ -30,6 +30,9 @@ class Args:
     """sets `torch.backends.cudnn.deterministic` (GPU convolutions; CPU runs of one seed repeat anyway)"""
     cuda: bool = True
     """use CUDA when a GPU is present (falls back to CPU with a message)"""
+    compile: bool = True
+    """torch.compile the losses and the sampler (inductor; ~20 s warm-up, needs a C++ compiler on CPU);
+    --no-compile runs the plain eager code"""
     track: bool = False
     """log to Weights & Biases as well as TensorBoard"""
     wandb_project_name: str = "qsm"
@@ -121,11 +124,25 @@ class Schedule:
         self.betas = make_beta_schedule(name, T).to(device)  # β_t
         self.alphas = 1 - self.betas  # α_t
         self.alpha_bars = torch.cumprod(self.alphas, 0)  # ᾱ_t
+        # the reverse step's constants as Python floats, so that sampling adds no tiny tensor ops
+        self.eps_coef = (self.betas / (1 - self.alpha_bars).sqrt()).tolist()  # β_t / √(1-ᾱ_t)
+        self.mean_coef = (1 / self.alphas.sqrt()).tolist()  # 1 / √α_t
+        self.sigmas = self.betas.sqrt().tolist()  # σ_t = √β_t
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Networks: the denoiser ε_θ(s, aₜ, t) and the twin critics Q_φ1, Q_φ2 (one ensemble network).
 # ---------------------------------------------------------------------------------------------------------------
+class Mish(nn.Module):
+    """mish(x) = x·tanh(softplus(x)) = x·n/(n+2) with n = eˣ(eˣ+2): the same function with one exp instead of
+    exp, log1p and tanh, 2× (eager) to 5× (compiled) faster on CPU. For x > 20, n/(n+2) = 1 in float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = torch.exp(x.clamp(max=20))
+        n = e * (e + 2)
+        return x * n / (n + 2)
+
+
 def mlp(in_dim: int, hidden_dims: tuple[int, ...], out_dim: int, act: type[nn.Module]) -> nn.Sequential:
     layers, d = [], in_dim
     for h in hidden_dims:
@@ -151,11 +168,12 @@ class Denoiser(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dims: tuple[int, ...], time_dim: int):
         super().__init__()
-        self.time_embed = nn.Sequential(FourierFeatures(time_dim), mlp(time_dim, (128,), 128, nn.Mish))
-        self.net = mlp(act_dim + obs_dim + 128, hidden_dims, act_dim, nn.Mish)
+        self.time_embed = nn.Sequential(FourierFeatures(time_dim), mlp(time_dim, (128,), 128, Mish))
+        self.net = mlp(act_dim + obs_dim + 128, hidden_dims, act_dim, Mish)
 
     def forward(self, s: torch.Tensor, a_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([a_t, s, self.time_embed(t)], dim=-1))
+        """t: (B,) steps, or (1,) when the whole batch shares one step (then it is embedded once)."""
+        return self.net(torch.cat([a_t, s, self.time_embed(t).expand(a_t.shape[0], -1)], dim=-1))
 
 
 class EnsembleLinear(nn.Module):
@@ -223,10 +241,10 @@ def ddpm_sample(denoiser: Denoiser, sched: Schedule, s: torch.Tensor, act_dim: i
                 clip: bool = True) -> torch.Tensor:
     a = torch.randn(s.shape[0], act_dim, device=s.device)  # a_T
     for t in reversed(range(sched.T)):
-        eps = denoiser(s, a, torch.full((s.shape[0],), t, device=s.device))
-        a = (a - sched.betas[t] / (1 - sched.alpha_bars[t]).sqrt() * eps) / sched.alphas[t].sqrt()  # μ_θ(a_t, t)
+        eps = denoiser(s, a, torch.full((1,), t, device=s.device))  # ε_θ(s, a_t, t)
+        a = sched.mean_coef[t] * (a - sched.eps_coef[t] * eps)  # μ_θ(a_t, t) = (a_t - β_t/√(1-ᾱ_t)·ε_θ)/√α_t
         if t > 0:
-            a = a + temperature * sched.betas[t].sqrt() * torch.randn_like(a)  # σ_t = √β_t
+            a = a + temperature * sched.sigmas[t] * torch.randn_like(a)  # + σ_t z
         if clip:
             a = a.clamp(-1, 1)
     return a.clamp(-1, 1)
@@ -252,9 +270,9 @@ def qsm_loss(denoiser, qf, sched, batch, args: Args):
     a0, s = batch["actions"], batch["obs"]
     t = torch.randint(0, sched.T, (a0.shape[0],), device=a0.device)  # t ~ U{0..T-1}
     ab = sched.alpha_bars[t][:, None]
-    a_t = (ab.sqrt() * a0 + (1 - ab).sqrt() * torch.randn_like(a0)).requires_grad_(True)  # forward process q(aₜ|a₀)
-    dq_da = torch.autograd.grad(qf(s, a_t).mean(0).sum(), a_t)[0]  # ∇ₐQ(s, aₜ), mean of both critics; no critic grads
-    a_t = a_t.detach()
+    a_t = ab.sqrt() * a0 + (1 - ab).sqrt() * torch.randn_like(a0)  # forward process q(aₜ|a₀)
+    with torch.no_grad():  # ∇ₐQ(s, aₜ) of the mean of both critics: a fixed target, no gradient reaches the critics
+        dq_da = torch.func.grad(lambda a: qf(s, a).mean(0).sum())(a_t)
     eps = denoiser(s, a_t, t)  # ε_θ(s, aₜ, t)
     loss = ((eps + args.q_grad_scale * dq_da) ** 2).sum(-1).mean()  # ‖ε_θ + M_q ∇ₐQ‖²
     with torch.no_grad():  # diagnostics: the score -ε_θ should point along ∇ₐQ
@@ -266,8 +284,27 @@ def qsm_loss(denoiser, qf, sched, batch, args: Args):
 
 @torch.no_grad()
 def polyak_update(net: nn.Module, target: nn.Module, tau: float):
-    for p, tp in zip(net.parameters(), target.parameters()):
-        tp.lerp_(p, tau)  # φ̄ ← (1-τ)φ̄ + τφ
+    torch._foreach_lerp_(list(target.parameters()), list(net.parameters()), tau)  # φ̄ ← (1-τ)φ̄ + τφ
+
+
+def make_update(denoiser, qf, qf_target, q_opt, actor_opt, sched, args: Args):
+    """Returns update(batch): a critic TD step, a QSM actor step and a Polyak step; metrics stay tensors (no host
+    sync). With --compile the two losses, forward and backward, run as inductor-compiled graphs."""
+    c_loss, a_loss = (torch.compile(critic_loss), torch.compile(qsm_loss)) if args.compile else (critic_loss, qsm_loss)
+
+    def update(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        q_loss, q_info = c_loss(qf, qf_target, denoiser, sched, batch, args)
+        q_opt.zero_grad()
+        q_loss.backward()
+        q_opt.step()
+        actor_loss, a_info = a_loss(denoiser, qf, sched, batch, args)
+        actor_opt.zero_grad()
+        actor_loss.backward()
+        actor_opt.step()
+        polyak_update(qf, qf_target, args.tau)
+        return {**q_info, **a_info}
+
+    return update
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -382,11 +419,14 @@ def main(args: Args):
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
-    q_opt = torch.optim.Adam(qf.parameters(), lr=args.critic_lr)
-    actor_opt = torch.optim.Adam(denoiser.parameters(), lr=args.actor_lr)
+    q_opt = torch.optim.Adam(qf.parameters(), lr=args.critic_lr, fused=True)  # fused: one kernel for all params
+    actor_opt = torch.optim.Adam(denoiser.parameters(), lr=args.actor_lr, fused=True)
     K = args.actor_lr_decay_steps  # cosine decay lr·½(1 + cos(π·min(k, K)/K)), as optax.cosine_decay_schedule
     actor_sched = torch.optim.lr_scheduler.LambdaLR(
         actor_opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, K) / K)) if K > 0 else 1.0)
+
+    update = make_update(denoiser, qf, qf_target, q_opt, actor_opt, sched, args)
+    sample = torch.compile(ddpm_sample) if args.compile else ddpm_sample
 
     envs = gym.vector.SyncVectorEnv([lambda: make_env(args.env_id) for _ in range(args.num_envs)])
     envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
@@ -405,7 +445,7 @@ def main(args: Args):
             actions = rng.uniform(-1, 1, (args.num_envs, act_dim)).astype(np.float32)
         else:
             s = torch.as_tensor(obs, dtype=torch.float32, device=device)
-            a = ddpm_sample(denoiser, sched, s, act_dim, args.ddpm_temperature, args.clip_sampler)
+            a = sample(denoiser, sched, s, act_dim, args.ddpm_temperature, args.clip_sampler)
             actions = (a + args.exploration_noise * torch.randn_like(a)).clamp(-1, 1).cpu().numpy()
         next_obs, rewards, terminations, truncations, infos = envs.step(to_env_action(actions, act_space))
         rb.add(obs, next_obs, actions, rewards, terminations, keep=~autoreset)
@@ -424,19 +464,9 @@ def main(args: Args):
         # learn: UTD updates per env step, each a critic step, a QSM actor step and a Polyak step
         if global_step > args.learning_starts:
             for _ in range(args.utd_ratio * args.num_envs):
-                batch = rb.sample(args.batch_size, rng)
-                q_loss, q_info = critic_loss(qf, qf_target, denoiser, sched, batch, args)
-                q_opt.zero_grad()
-                q_loss.backward()
-                q_opt.step()
-                actor_loss, a_info = qsm_loss(denoiser, qf, sched, batch, args)
-                actor_opt.zero_grad()
-                actor_loss.backward()
-                actor_opt.step()
+                metrics = update(rb.sample(args.batch_size, rng))
                 actor_sched.step()
-                polyak_update(qf, qf_target, args.tau)
                 num_updates += 1
-            metrics = {**q_info, **a_info}
 
         if global_step >= next_log:
             next_log += args.log_freq

@@ -50,7 +50,7 @@ gym.register("QsmImageObs-v0", entry_point=lambda: BadEnv(
 
 def small_args(**kw) -> qsm.Args:
     base = dict(env_id="Pendulum-v1", total_timesteps=300, learning_starts=100, batch_size=32, buffer_size=10_000,
-                actor_hidden_dims=(32, 32), critic_hidden_dims=(32, 32), eval_freq=0, log_freq=50, cuda=False)
+                actor_hidden_dims=(32, 32), critic_hidden_dims=(32, 32), eval_freq=0, log_freq=50, cuda=False, compile=False)
     base.update(kw)
     return qsm.Args(**base)
 
@@ -202,6 +202,37 @@ def test_critic_target_cuts_bootstrap_only_on_terminated():
     assert info["losses/qf1_loss"].item() == pytest.approx((10.0**2 + 1.0**2) / 2)
 
 
+# --- the compiled update is the eager update ---------------------------------------------------------------------
+def test_compiled_update_matches_eager(monkeypatch):
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # compiled code draws torch's own RNG
+    S, A, B = 17, 6, 64
+    g = torch.Generator().manual_seed(5)
+    batch = {"obs": torch.randn(B, S, generator=g), "next_obs": torch.randn(B, S, generator=g),
+             "actions": torch.rand(B, A, generator=g) * 2 - 1, "rewards": torch.randn(B, generator=g),
+             "terminated": (torch.rand(B, generator=g) < 0.2).float()}
+    runs = []
+    for compile in (False, True):
+        args = qsm.Args(compile=compile, actor_hidden_dims=(64, 64), critic_hidden_dims=(64, 64))
+        torch.manual_seed(0)
+        sched = qsm.Schedule(args.beta_schedule, args.diffusion_steps, torch.device("cpu"))
+        den, qf, qf_t = qsm.Denoiser(S, A, (64, 64), 64), qsm.TwinQ(S, A, (64, 64)), qsm.TwinQ(S, A, (64, 64))
+        qf_t.load_state_dict(qf.state_dict())
+        q_opt = torch.optim.Adam(qf.parameters(), lr=1e-3, fused=True)
+        a_opt = torch.optim.Adam(den.parameters(), lr=1e-3, fused=True)
+        update = qsm.make_update(den, qf, qf_t, q_opt, a_opt, sched, args)
+        p_init = torch.cat([p.detach().flatten() for m in (den, qf, qf_t) for p in m.parameters()])
+        torch.manual_seed(1)
+        metrics = [update(batch) for _ in range(3)]
+        params = torch.cat([p.detach().flatten() for m in (den, qf, qf_t) for p in m.parameters()])
+        runs.append((metrics, params))
+    (m_eager, p_eager), (m_comp, p_comp) = runs
+    for me, mc in zip(m_eager, m_comp):
+        for k in me:
+            assert torch.allclose(me[k], mc[k], rtol=1e-4, atol=1e-5), (k, me[k], mc[k])
+    assert torch.allclose(p_eager, p_comp, rtol=1e-4, atol=1e-5), (p_eager - p_comp).abs().max()
+    assert (p_eager - p_init).abs().max() > 1e-3  # the three updates did move the parameters
+
+
 # --- environment handling ---------------------------------------------------------------------------------------
 def test_vector_env_autoreset_truncation_and_action_bounds(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -243,7 +274,8 @@ def test_main_logs_saves_and_reloads(tmp_path, monkeypatch, capsys):
     sd = torch.load(ckpt, weights_only=True)
     assert torch.equal(sd["denoiser"]["net.0.weight"], out["denoiser"].state_dict()["net.0.weight"])
     # architecture flags come from the checkpoint, so the defaults (512 wide) must not matter here
-    ev = qsm.main(qsm.Args(env_id="Pendulum-v1", checkpoint=ckpt, eval_only=True, eval_episodes=2, cuda=False))
+    ev = qsm.main(qsm.Args(env_id="Pendulum-v1", checkpoint=ckpt, eval_only=True, eval_episodes=2, cuda=False,
+                           compile=False))
     assert len(ev["eval_returns"]) == 2 and all(-2000 < r <= 0 for r in ev["eval_returns"])
     assert "eval Pendulum-v1: return" in capsys.readouterr().out
 
@@ -279,6 +311,7 @@ def test_cartpole_cli_fails_fast():
 def test_learns_pendulum(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = qsm.main(qsm.Args(env_id="Pendulum-v1", seed=1, total_timesteps=12_000, learning_starts=1000,
-                            actor_hidden_dims=(256, 256), critic_hidden_dims=(256, 256), eval_freq=0, cuda=False))
+                            actor_hidden_dims=(256, 256), critic_hidden_dims=(256, 256), eval_freq=0, cuda=False,
+                            compile=True))  # the compiled path, end to end (the other loop tests run eager)
     last = out["episodic_returns"]  # the last 10 training episodes (random policy ≈ -1200)
     assert len(last) == 10 and np.mean(last) >= -400, last
