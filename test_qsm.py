@@ -120,7 +120,7 @@ class AnalyticQ(nn.Module):
 
 def train_qsm(q_fn, obs_dim, act_dim, steps, seed=0, sample_states=None):
     torch.manual_seed(seed)
-    args = qsm.Args()  # default M_q = 50, T = 5, vp schedule
+    args = qsm.Args()  # the defaults: M_q, T = 5, vp schedule
     sched = qsm.Schedule(args.beta_schedule, args.diffusion_steps, torch.device("cpu"))
     den = qsm.Denoiser(obs_dim, act_dim, (128, 128), 64)
     untrained = qsm.Denoiser(obs_dim, act_dim, (128, 128), 64)
@@ -138,10 +138,11 @@ def train_qsm(q_fn, obs_dim, act_dim, steps, seed=0, sample_states=None):
 
 
 def test_score_aligns_with_grad_q_and_samples_reach_the_optimum():
-    # Q(s, a) = -c‖a - μ(s)‖²; c = 0.01 keeps M_q·∇ₐQ = (a - μ)·M_q/50 of order one with the default M_q = 50
+    # Q(s, a) = -c‖a - μ(s)‖² with c = 1/(2 M_q), so that the regression target -M_q·∇ₐQ = a - μ(s) is of order one
     W = torch.randn(4, 2, generator=torch.Generator().manual_seed(1))
     mu = lambda s: 0.6 * torch.tanh(s @ W)
-    q_fn = lambda s, a: -0.01 * ((a - mu(s)) ** 2).sum(-1)
+    c = 0.5 / qsm.Args().q_grad_scale
+    q_fn = lambda s, a: -c * ((a - mu(s)) ** 2).sum(-1)
     den, untrained, sched, args = train_qsm(q_fn, 4, 2, steps=1500)
 
     torch.manual_seed(123)  # fresh points, through the loss' own forward process
@@ -156,8 +157,9 @@ def test_score_aligns_with_grad_q_and_samples_reach_the_optimum():
 
 
 def test_two_equal_optima_give_a_bimodal_policy():
-    # a bandit (one state) whose Q has two equal maxima, a = -0.6 and a = +0.6 (c = 0.02: M_q·∇ₐQ = 2(mode - a))
-    q_fn = lambda s, a: -0.02 * torch.minimum((a - 0.6) ** 2, (a + 0.6) ** 2).sum(-1)
+    # a bandit (one state) whose Q has two equal maxima, a = -0.6 and a = +0.6; c = 1/M_q: -M_q·∇ₐQ = 2(a - mode)
+    c = 1.0 / qsm.Args().q_grad_scale
+    q_fn = lambda s, a: -c * torch.minimum((a - 0.6) ** 2, (a + 0.6) ** 2).sum(-1)
     den, _, sched, _ = train_qsm(q_fn, 1, 1, steps=1500, sample_states=lambda n: torch.zeros(n, 1))
     torch.manual_seed(7)
     a = qsm.ddpm_sample(den, sched, torch.zeros(4000, 1), 1)[:, 0]
