@@ -80,7 +80,8 @@ def summarize(o):
     fig, axes = plt.subplots(1, len(o.envs), figsize=(6 * len(o.envs), 4.2), squeeze=False)
     rows = ["| env | budget | QSM (ours) | SAC (CleanRL) | QSM / SAC |", "|---|---|---|---|---|"]
     for ax, env in zip(axes[0], o.envs):
-        algos = {"QSM (qsm.py defaults)": load(str(RESULTS / f"{o.tag}_{env}_seed*.csv")),
+        qsm_label = "QSM (qsm.py defaults)" if o.tag == "qsm" else f"QSM ({o.tag})"
+        algos = {qsm_label: load(str(RESULTS / f"{o.tag}_{env}_seed*.csv")),
                  "SAC (CleanRL reference)": load(str(Path(o.reference_dir) / f"sac_{env}_seed*.csv"))}
         scores = {}
         for (name, curves), color in zip(algos.items(), ("tab:red", "tab:blue")):
@@ -104,7 +105,7 @@ def summarize(o):
                             f"{np.mean(s[b]):.0f} ± {np.std(s[b]):.0f} (n={len(s[b])}) | {ratio:.2f} |")
     fig.suptitle(f"QSM (qsm.py) vs SAC (CleanRL), mean ± std over seeds, {o.threads} torch thread per run")
     fig.tight_layout()
-    fig.savefig(ROOT / "benchmarks" / "learning_curves.png", dpi=110)
+    fig.savefig(ROOT / "benchmarks" / ("learning_curves.png" if o.tag == "qsm" else f"{o.tag}_curves.png"), dpi=110)
     print("\n".join(rows))
 
 
