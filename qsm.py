@@ -136,7 +136,7 @@ class Schedule:
 # ---------------------------------------------------------------------------------------------------------------
 class Mish(nn.Module):
     """mish(x) = x·tanh(softplus(x)) = x·n/(n+2) with n = eˣ(eˣ+2): the same function with one exp instead of
-    exp, log1p and tanh, 2× (eager) to 5× (compiled) faster on CPU. For x > 20, n/(n+2) = 1 in float32."""
+    exp, log1p and tanh, 3–5× faster when compiled for CPU. For x > 20, n/(n+2) = 1 in float32."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         e = torch.exp(x.clamp(max=20))
