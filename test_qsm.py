@@ -222,11 +222,11 @@ def test_compiled_update_matches_eager(monkeypatch):
         q_opt = torch.optim.Adam(qf.parameters(), lr=1e-3, fused=True)
         a_opt = torch.optim.Adam(den.parameters(), lr=1e-3, fused=True)
         update = qsm.make_update(den, qf, qf_t, q_opt, a_opt, sched, args)
-        p_init = torch.cat([p.detach().flatten() for m in (den, qf, qf_t) for p in m.parameters()])
+        flat_params = lambda: torch.cat([p.detach().flatten() for m in (den, qf, qf_t) for p in m.parameters()])
+        p_init = flat_params()
         torch.manual_seed(1)
         metrics = [update(batch) for _ in range(3)]
-        params = torch.cat([p.detach().flatten() for m in (den, qf, qf_t) for p in m.parameters()])
-        runs.append((metrics, params))
+        runs.append((metrics, flat_params()))
     (m_eager, p_eager), (m_comp, p_comp) = runs
     for me, mc in zip(m_eager, m_comp):
         for k in me:
