@@ -1,9 +1,12 @@
 # Q-Score Matching (QSM): a diffusion-model policy learned from rewards by matching its score to ∇ₐQ.
 # Psenka, Escontrela, Abbeel, Ma, "Learning a Diffusion Model Policy from Rewards via Q-Score Matching", ICML 2024,
 # arXiv 2312.11752. Official JAX code: github.com/Alescontrela/score_matching_rl. Run: python qsm.py --env-id Walker2d-v4
+import functools
 import math
 import os
+import pickle
 import random
+import signal
 import sys
 import time
 from collections import deque
@@ -27,7 +30,7 @@ class Args:
     seed: int = 1
     """seed of python, numpy, torch and the environments"""
     torch_deterministic: bool = True
-    """sets `torch.backends.cudnn.deterministic` (GPU convolutions; CPU runs of one seed repeat anyway)"""
+    """sets `torch.backends.cudnn.deterministic` (GPU); on CPU two runs of one seed are identical (tested)"""
     cuda: bool = True
     """use CUDA when a GPU is present (falls back to CPU with a message)"""
     compile: bool = True
@@ -45,6 +48,14 @@ class Args:
     """path of a checkpoint to load (networks and their architecture flags)"""
     eval_only: bool = False
     """with --checkpoint: evaluate the loaded policy for --eval-episodes episodes and exit"""
+    checkpoint_freq: int = 100_000
+    """every this many env steps, and on Ctrl-C/SIGTERM, save all a resumed run needs (networks, optimizers, replay
+    buffer, RNG states, step) to `runs/{run_name}/checkpoint.pt` (0 = only on Ctrl-C/SIGTERM)"""
+    resume: Optional[str] = None
+    """continue the run saved in this checkpoint.pt: its flags (other flags are ignored), step and TensorBoard curve"""
+    capture_video: bool = False
+    """record the first episode of every evaluation to `videos/{run_name}/` (needs moviepy; headless MuJoCo uses
+    MUJOCO_GL=egl, see README)"""
 
     env_id: str = "Walker2d-v4"
     """the Gymnasium environment id (Box action space, flat Box observations)"""
@@ -64,8 +75,8 @@ class Args:
     """discount factor γ"""
     tau: float = 0.005
     """Polyak rate τ of the target critics"""
-    critic_lr: float = 3e-4
-    """Adam learning rate of the twin critics"""
+    critic_lr: float = 1e-3
+    """Adam learning rate of the twin critics (official: 3e-4; 1e-3, CleanRL SAC's, learned Hopper faster: README)"""
     actor_lr: float = 3e-4
     """Adam learning rate of the denoiser ε_θ (initial value of its cosine decay)"""
     actor_lr_decay_steps: int = 2_000_000
@@ -211,12 +222,15 @@ class TwinQ(nn.Module):
 # Replay buffer: preallocated float32 numpy arrays; actions are stored in the policy's [-1, 1] space.
 # ---------------------------------------------------------------------------------------------------------------
 class ReplayBuffer:
+    FIELDS = ("obs", "next_obs", "actions", "rewards", "terminated")
+
     def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
-        self.obs = np.zeros((capacity, obs_dim), np.float32)
-        self.next_obs = np.zeros((capacity, obs_dim), np.float32)
-        self.actions = np.zeros((capacity, act_dim), np.float32)
-        self.rewards = np.zeros(capacity, np.float32)
-        self.terminated = np.zeros(capacity, np.float32)
+        # np.full, not np.zeros: it writes every page now, so a buffer too big for RAM fails here, not hours later
+        self.obs = np.full((capacity, obs_dim), 0, np.float32)
+        self.next_obs = np.full((capacity, obs_dim), 0, np.float32)
+        self.actions = np.full((capacity, act_dim), 0, np.float32)
+        self.rewards = np.full(capacity, 0, np.float32)
+        self.terminated = np.full(capacity, 0, np.float32)
         self.capacity, self.size, self.pos, self.device = capacity, 0, 0, device
 
     def add(self, obs, next_obs, actions, rewards, terminated, keep):
@@ -229,9 +243,15 @@ class ReplayBuffer:
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         idx = rng.integers(0, self.size, batch_size)
-        arrays = dict(obs=self.obs, next_obs=self.next_obs, actions=self.actions, rewards=self.rewards,
-                      terminated=self.terminated)
-        return {k: torch.from_numpy(v[idx]).to(self.device) for k, v in arrays.items()}
+        return {k: torch.from_numpy(getattr(self, k)[idx]).to(self.device) for k in self.FIELDS}
+
+    def state_dict(self) -> dict:  # the filled rows only, as tensors (loads with torch.load(weights_only=True))
+        return {"pos": self.pos, "size": self.size, **{k: torch.from_numpy(getattr(self, k)[: self.size]) for k in self.FIELDS}}
+
+    def load_state_dict(self, state: dict):
+        for k in self.FIELDS:
+            getattr(self, k)[: state["size"]] = state[k].numpy()
+        self.pos, self.size = state["pos"], state["size"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -315,9 +335,9 @@ def fail(msg: str):
     sys.exit(f"qsm.py: error: {msg}")
 
 
-def make_env(env_id: str):
+def make_env(env_id: str, **kwargs):
     try:
-        return gym.make(env_id)
+        return gym.make(env_id, **kwargs)
     except gym.error.Error as e:
         fail(f"cannot make environment {env_id!r}: {e}")
 
@@ -344,6 +364,7 @@ def check_args(args: Args):
         (all(h >= 1 for h in args.actor_hidden_dims + args.critic_hidden_dims), "hidden dims must be ≥ 1"),
         (args.time_dim >= 2 and args.time_dim % 2 == 0, f"--time-dim must be even and ≥ 2 (got {args.time_dim})"),
         (not args.eval_only or args.checkpoint, "--eval-only needs --checkpoint PATH"),
+        (args.checkpoint_freq >= 0, f"--checkpoint-freq must be ≥ 0 (got {args.checkpoint_freq})"),
         (args.eval_only or args.learning_starts < args.total_timesteps,
          f"--learning-starts {args.learning_starts} ≥ --total-timesteps {args.total_timesteps}: no update would run"),
     ]
@@ -357,8 +378,26 @@ def to_env_action(a: np.ndarray, space: gym.spaces.Box) -> np.ndarray:
     return space.low + (a + 1) * 0.5 * (space.high - space.low)
 
 
-def evaluate(denoiser, sched, args: Args, device, episodes: int) -> list[float]:
-    env = make_env(args.env_id)
+def check_video(env_id: str):
+    """Fail at the start, not at the first evaluation, if videos cannot be rendered or written."""
+    os.environ.setdefault("MUJOCO_GL", "egl")  # headless OpenGL for MuJoCo (or osmesa); read at the first render
+    try:
+        import moviepy  # noqa: F401  (gymnasium's RecordVideo writes mp4 files with it)
+
+        env = gym.make(env_id, render_mode="rgb_array")
+        env.reset(seed=0)
+        if not isinstance(env.render(), np.ndarray):
+            raise RuntimeError("render() gave no frame")
+        env.close()
+    except Exception as e:
+        fail(f"--capture-video: cannot render {env_id}: {type(e).__name__}: {e} (see README, Long runs)")
+
+
+def evaluate(denoiser, sched, args: Args, device, episodes: int, video: Optional[tuple[str, str]] = None) -> list[float]:
+    """DDPM-sampled actions without exploration noise. video = (folder, file prefix): record the first episode."""
+    env = make_env(args.env_id, render_mode="rgb_array" if video else None)
+    if video:
+        env = gym.wrappers.RecordVideo(env, video[0], episode_trigger=lambda ep: ep == 0, name_prefix=video[1])
     returns = []
     for ep in range(episodes):
         obs, _ = env.reset(seed=args.seed + 10_000 + ep)
@@ -375,16 +414,50 @@ def evaluate(denoiser, sched, args: Args, device, episodes: int) -> list[float]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: everything a run needs to continue, written atomically; all of it loads with weights_only=True.
+# ---------------------------------------------------------------------------------------------------------------
+def env_state(envs: gym.vector.VectorEnv) -> Optional[bytes]:
+    """The vector env pickled, where pickling keeps the episodes in flight. Gymnasium's MuJoCo envs are EzPickle:
+    they pickle only their constructor arguments, so for them this is None and a resumed run starts new episodes."""
+    if any(isinstance(e.unwrapped, gym.utils.EzPickle) for e in envs.unwrapped.envs):
+        return None
+    try:
+        return pickle.dumps(envs)
+    except (pickle.PicklingError, TypeError, AttributeError):
+        return None
+
+
+def load_checkpoint(path: str, training: bool = False) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"cannot read checkpoint {path!r}: {type(e).__name__}: {str(e).splitlines()[0]}")
+    if training and "rb" not in ckpt:
+        fail(f"{path} holds only networks (--save-model); --resume needs a runs/<run>/checkpoint.pt")
+    return ckpt
+
+
+def save_checkpoint(path: str, state: dict):
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a crash while saving leaves the previous checkpoint whole
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Training loop.
 # ---------------------------------------------------------------------------------------------------------------
 def main(args: Args):
+    resume = load_checkpoint(args.resume, training=True) if args.resume else None
+    if resume:  # a resumed run continues with the flags it was started with
+        args = Args(**{**resume["args"], "resume": args.resume})
     check_args(args)
     probe = make_env(args.env_id)
     check_spaces(args.env_id, probe.observation_space, probe.action_space)
     obs_dim, act_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
     probe.close()
+    if args.capture_video:
+        check_video(args.env_id)
 
-    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True) if args.checkpoint else None
+    ckpt = load_checkpoint(args.checkpoint) if args.checkpoint else None
     if ckpt:  # the architecture comes from the checkpoint
         for k in ("actor_hidden_dims", "critic_hidden_dims", "time_dim", "diffusion_steps", "beta_schedule"):
             setattr(args, k, ckpt["args"][k])
@@ -407,18 +480,21 @@ def main(args: Args):
     qf_target.load_state_dict(qf.state_dict())
 
     if args.eval_only:
-        returns = evaluate(denoiser, sched, args, device, args.eval_episodes)
+        video = (f"videos/{args.env_id}__eval__{int(time.time())}", "eval") if args.capture_video else None
+        returns = evaluate(denoiser, sched, args, device, args.eval_episodes, video)
         print(f"eval {args.env_id}: return {np.mean(returns):.1f} ± {np.std(returns):.1f} over {len(returns)} episodes")
         return {"eval_returns": returns}
 
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = resume["run_name"] if resume else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    # on resume, purge_step drops what the interrupted run logged after its checkpoint, so the curve has no overlap
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=resume["counters"][0] + 1 if resume else None)
+    if not resume:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     q_opt = torch.optim.Adam(qf.parameters(), lr=args.critic_lr, fused=True)  # fused: one kernel for all params
     actor_opt = torch.optim.Adam(denoiser.parameters(), lr=args.actor_lr, fused=True)
@@ -429,18 +505,69 @@ def main(args: Args):
     update = make_update(denoiser, qf, qf_target, q_opt, actor_opt, sched, args)
     sample = torch.compile(ddpm_sample) if args.compile else ddpm_sample
 
-    envs = gym.vector.SyncVectorEnv([lambda: make_env(args.env_id) for _ in range(args.num_envs)])
+    # functools.partial, not a lambda, so that the vector env can be pickled into checkpoints
+    envs = gym.vector.SyncVectorEnv([functools.partial(make_env, args.env_id) for _ in range(args.num_envs)])
     envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
     act_space = envs.single_action_space
     rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim, device)
     rng = np.random.default_rng(args.seed)
 
-    obs, _ = envs.reset(seed=args.seed)
+    global_step, num_updates, next_eval, next_log, next_ckpt = 0, 0, args.eval_freq, args.log_freq, args.checkpoint_freq
+    recent_returns, metrics = deque(maxlen=10), {}
     autoreset = np.zeros(args.num_envs, dtype=bool)  # Gymnasium 1.x: the step after a done is a reset, not a transition
-    recent_returns, metrics, num_updates = deque(maxlen=10), {}, 0
-    global_step, start_time, next_eval, next_log = 0, time.time(), args.eval_freq, args.log_freq
-    pbar = tqdm.tqdm(total=args.total_timesteps, unit="step", dynamic_ncols=True)
-    while global_step < args.total_timesteps:
+    if resume:
+        for obj, key in ((denoiser, "denoiser"), (qf, "qf"), (qf_target, "qf_target"), (q_opt, "q_opt"),
+                         (actor_opt, "actor_opt"), (actor_sched, "actor_sched"), (rb, "rb")):
+            obj.load_state_dict(resume[key])
+        global_step, num_updates, next_eval, next_log, next_ckpt = resume["counters"]
+        recent_returns.extend(resume["recent_returns"])
+        torch.set_rng_state(resume["torch_rng"])
+        if device.type == "cuda" and resume["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(resume["cuda_rng"])
+        rng.bit_generator.state = resume["np_rng"]
+    if resume and resume["envs"] is not None:  # the episodes in flight continue exactly
+        envs = pickle.loads(resume["envs"])  # (pickle runs code: resume only from checkpoints you trust)
+        obs, autoreset = resume["obs"].numpy(), resume["autoreset"].numpy()
+    else:  # a fresh run, or envs that cannot be saved (MuJoCo): new episodes, seeded by the step
+        obs, _ = envs.reset(seed=args.seed + global_step)
+
+    ckpt_path, last_ckpt = f"runs/{run_name}/checkpoint.pt", "none yet"
+
+    def save(reason: str):
+        nonlocal last_ckpt
+        for name, net in (("denoiser", denoiser), ("qf", qf)):
+            if not all(torch.isfinite(p).all() for p in net.parameters()):
+                shutdown()
+                fail(f"non-finite parameters in {name} at step {global_step}; last good checkpoint: {last_ckpt}")
+        save_checkpoint(ckpt_path, {
+            "args": vars(args), "run_name": run_name, "denoiser": denoiser.state_dict(), "qf": qf.state_dict(),
+            "qf_target": qf_target.state_dict(), "q_opt": q_opt.state_dict(), "actor_opt": actor_opt.state_dict(),
+            "actor_sched": actor_sched.state_dict(), "rb": rb.state_dict(), "envs": env_state(envs),
+            "obs": torch.from_numpy(obs), "autoreset": torch.from_numpy(autoreset),
+            "counters": (global_step, num_updates, next_eval, next_log, next_ckpt),
+            "recent_returns": list(recent_returns), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None, "np_rng": rng.bit_generator.state})
+        last_ckpt = ckpt_path
+        writer.add_text("checkpoints", f"{reason}: {ckpt_path}", global_step)
+
+    stop = []  # Ctrl-C / SIGTERM end the loop at the next step boundary, so that the checkpoint is consistent
+
+    def on_signal(signum, frame):
+        stop.append(signum)
+        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C kills at once
+
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def shutdown():
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        pbar.close()
+        envs.close()
+        writer.close()  # flushes the event file
+
+    start_step, start_time = global_step, time.time()
+    pbar = tqdm.tqdm(total=args.total_timesteps, initial=global_step, unit="step", dynamic_ncols=True)
+    while global_step < args.total_timesteps and not stop:
         # act: uniform random before learning starts, then DDPM sample + N(0, σ²) exploration noise
         if global_step < args.learning_starts:
             actions = rng.uniform(-1, 1, (args.num_envs, act_dim)).astype(np.float32)
@@ -468,10 +595,15 @@ def main(args: Args):
                 metrics = update(rb.sample(args.batch_size, rng))
                 actor_sched.step()
                 num_updates += 1
+                if not torch.isfinite(torch.stack(list(metrics.values()))).all():  # NaN/Inf guard: one host sync
+                    bad = ", ".join(f"{k} = {float(v)}" for k, v in metrics.items() if not math.isfinite(float(v)))
+                    shutdown()
+                    fail(f"non-finite {bad} at step {global_step} (update {num_updates}); "
+                         f"last good checkpoint: {last_ckpt} (resume with --resume PATH)")
 
         if global_step >= next_log:
             next_log += args.log_freq
-            sps = int(global_step / (time.time() - start_time))
+            sps = int((global_step - start_step) / (time.time() - start_time))
             writer.add_scalar("charts/SPS", sps, global_step)
             for k, v in metrics.items():
                 writer.add_scalar(k, float(v), global_step)
@@ -482,18 +614,27 @@ def main(args: Args):
 
         if args.eval_freq > 0 and global_step >= next_eval:
             next_eval += args.eval_freq
-            returns = evaluate(denoiser, sched, args, device, args.eval_episodes)
+            video = (f"videos/{run_name}", f"step{global_step}") if args.capture_video else None
+            returns = evaluate(denoiser, sched, args, device, args.eval_episodes, video)
             writer.add_scalar("eval/episodic_return", np.mean(returns), global_step)
-    pbar.close()
 
+        if args.checkpoint_freq > 0 and global_step >= next_ckpt:
+            next_ckpt += args.checkpoint_freq
+            save("every --checkpoint-freq")
+
+    if stop:
+        save(signal.Signals(stop[0]).name)
+        shutdown()
+        print(f"qsm.py: stopped by {signal.Signals(stop[0]).name} at step {global_step}; checkpoint saved, continue with: "
+              f"python qsm.py --resume {ckpt_path}", file=sys.stderr)
+        sys.exit(128 + stop[0])  # the shell's code for "killed by this signal": schedulers see the run did not finish
     if args.save_model:
         path = f"runs/{run_name}/qsm.pt"
         torch.save({"denoiser": denoiser.state_dict(), "qf": qf.state_dict(), "args": vars(args)}, path)
         print(f"model saved to {path}; evaluate it with: python qsm.py --env-id {args.env_id} --checkpoint {path} --eval-only")
-    envs.close()
-    writer.close()
+    shutdown()
     return {"rb": rb, "denoiser": denoiser, "qf": qf, "run_dir": f"runs/{run_name}", "num_updates": num_updates,
-            "episodic_returns": list(recent_returns)}
+            "global_step": global_step, "episodic_returns": list(recent_returns)}
 
 
 if __name__ == "__main__":

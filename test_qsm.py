@@ -1,7 +1,11 @@
 """Tests of qsm.py: the algorithm's pieces, the environment handling, the whole loop, and learning on Pendulum."""
 import glob
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import gymnasium as gym
@@ -292,9 +296,13 @@ def test_main_logs_saves_and_reloads(tmp_path, monkeypatch, capsys):
     (dict(batch_size=512, buffer_size=256), "larger than --buffer-size"),
     (dict(learning_starts=300, total_timesteps=300), "no update would run"),
     (dict(eval_only=True), "--eval-only needs --checkpoint"),
+    (dict(checkpoint_freq=-1), "--checkpoint-freq must be ≥ 0"),
+    (dict(resume="nowhere.pt"), "cannot read checkpoint 'nowhere.pt'"),
+    (dict(capture_video=True, env_id="QsmProbe-v0"), "--capture-video: cannot render QsmProbe-v0"),
 ])
 def test_bad_input_fails_before_training(kw, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MUJOCO_GL", raising=False)  # --capture-video sets it; undone after the test
     with pytest.raises(SystemExit) as e:
         qsm.main(small_args(**kw))
     assert message in str(e.value.code) and str(e.value.code).startswith("qsm.py: error:")
@@ -317,3 +325,147 @@ def test_learns_pendulum(tmp_path, monkeypatch):
                             compile=True))  # the compiled path, end to end (the other loop tests run eager)
     last = out["episodic_returns"]  # the last 10 training episodes (random policy ≈ -1200)
     assert len(last) == 10 and np.mean(last) >= -400, last
+
+
+# --- long runs: reproducibility, checkpoints and resume, NaN guard, signals, video ------------------------------
+def flat_params(*nets) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for net in nets for p in net.state_dict().values()])
+
+
+def scalars(run_dir, tag) -> list[tuple[int, float]]:
+    return [(e.step, e.value) for e in EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload().Scalars(tag)]
+
+
+def keep_checkpoint_at(step: int, dest, monkeypatch):
+    """Also write the checkpoint of `step` to dest, as if the run had crashed just after saving it."""
+    save = qsm.save_checkpoint
+
+    def spy(path, state):
+        save(path, state)
+        if state["counters"][0] == step:
+            save(str(dest), state)
+
+    monkeypatch.setattr(qsm, "save_checkpoint", spy)
+
+
+def test_same_seed_same_run_other_seed_differs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runs = [qsm.main(small_args(seed=s, total_timesteps=700, learning_starts=200, compile=True)) for s in (1, 1, 2)]
+    returns = [scalars(r["run_dir"], "charts/episodic_return") for r in runs]
+    params = [flat_params(r["denoiser"], r["qf"]) for r in runs]
+    assert runs[0]["num_updates"] == 500 and len(returns[0]) == 3
+    assert returns[0] == returns[1] and torch.equal(params[0], params[1])  # bit for bit
+    assert returns[0] != returns[2] and not torch.allclose(params[0], params[2])
+
+
+def test_resume_continues_the_run_exactly(tmp_path, monkeypatch):
+    """Straight 800 steps vs the checkpoint at 400 resumed: Pendulum pickles with its state, so the resumed run is
+    the same run: same parameters bit for bit, and one TensorBoard curve without overlap."""
+    monkeypatch.chdir(tmp_path)
+    keep_checkpoint_at(400, tmp_path / "at400.pt", monkeypatch)
+    straight = qsm.main(small_args(total_timesteps=800, learning_starts=200, checkpoint_freq=200))
+    before = {tag: scalars(straight["run_dir"], tag) for tag in ("charts/episodic_return", "losses/actor_loss")}
+    ck = torch.load(tmp_path / "at400.pt", weights_only=True)
+    assert ck["envs"] is not None and ck["counters"][:2] == (400, 200)
+    assert ck["rb"]["size"] == 399  # step 201 was the autoreset after Pendulum's 200-step episode: not stored
+
+    resumed = qsm.main(qsm.Args(resume=str(tmp_path / "at400.pt")))  # every other flag comes from the checkpoint
+    assert resumed["run_dir"] == straight["run_dir"] and resumed["num_updates"] == 600
+    assert torch.equal(flat_params(resumed["denoiser"], resumed["qf"]), flat_params(straight["denoiser"], straight["qf"]))
+    for tag, curve in before.items():  # the steps after 400 were logged twice; the resumed writer purged the first
+        assert scalars(straight["run_dir"], tag) == curve, tag
+    assert [s for s, _ in before["losses/actor_loss"]] == list(range(250, 801, 50))
+
+
+def test_resume_mujoco_starts_new_episodes(tmp_path, monkeypatch):
+    """MuJoCo envs do not pickle with their state: all else is restored exactly, and the envs start new episodes."""
+    monkeypatch.chdir(tmp_path)
+    keep_checkpoint_at(300, tmp_path / "at300.pt", monkeypatch)
+    straight = qsm.main(small_args(env_id="Hopper-v4", total_timesteps=600, learning_starts=200, checkpoint_freq=300))
+    ck = torch.load(tmp_path / "at300.pt", weights_only=True)
+    assert ck["envs"] is None and ck["counters"][0] == 300
+    resumed = qsm.main(qsm.Args(resume=str(tmp_path / "at300.pt")))
+    assert resumed["global_step"] == 600 and resumed["num_updates"] == straight["num_updates"] == 400
+    a, b, n = straight["rb"], resumed["rb"], ck["rb"]["size"]
+    assert np.array_equal(a.obs[:n], b.obs[:n]) and np.array_equal(a.actions[:n], b.actions[:n])
+    reset_obs = gym.make("Hopper-v4").reset(seed=1 + 300)[0].astype(np.float32)  # seed + step
+    np.testing.assert_array_equal(b.obs[n], reset_obs)  # the first transition after the resume starts an episode
+    assert not np.array_equal(a.obs[n], b.obs[n])
+
+
+class NaNRewardEnv(ProbeEnv):
+    """The probe env, whose reward turns NaN after 250 steps (a bug in a user's reward function)."""
+
+    def __init__(self):
+        self.total = 0
+
+    def step(self, action):
+        self.total += 1
+        obs, r, terminated, truncated, info = super().step(action)
+        return obs, float("nan") if self.total > 250 else r, terminated, truncated, info
+
+
+gym.register("QsmNaNReward-v0", entry_point=NaNRewardEnv, max_episode_steps=5)
+
+
+@pytest.mark.parametrize("kw, loss", [
+    (dict(env_id="QsmNaNReward-v0"), "losses/qf1_loss = nan"),
+    (dict(actor_lr=1e30), "losses/actor_loss = "),
+])
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(kw, loss, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        qsm.main(small_args(**kw, total_timesteps=2000, learning_starts=200, checkpoint_freq=200))
+    msg = str(e.value.code)
+    assert msg.startswith("qsm.py: error: non-finite") and loss in msg and "at step " in msg, msg
+    step = int(msg.split("at step ")[1].split()[0])
+    path = msg.split("last good checkpoint: ")[1].split()[0]
+    ck = torch.load(path, weights_only=True)
+    assert step < 2000 and ck["counters"][0] == (step - 1) // 200 * 200 and ck["counters"][0] >= 200
+    assert all(torch.isfinite(p).all() for net in ("denoiser", "qf") for p in ck[net].values())
+    assert not glob.glob("runs/*/*.tmp")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_a_checkpoint_and_flushes_the_log(sig, tmp_path):
+    cmd = [sys.executable, str(HERE / "qsm.py"), "--env-id", "Pendulum-v1", "--total-timesteps", "1000000",
+           "--learning-starts", "10", "--batch-size", "32", "--actor-hidden-dims", "32", "32", "--critic-hidden-dims",
+           "32", "32", "--no-compile", "--no-cuda", "--log-freq", "10"]
+    p = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = []  # stderr as it comes; tqdm's "N/1000000" says how far training is
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: p.stderr.read(64), "")), daemon=True)
+    reader.start()
+    deadline = time.time() + 120
+    while time.time() < deadline and max(map(int, re.findall(r"(\d+)/1000000", "".join(err))), default=0) < 60:
+        time.sleep(0.2)
+    p.send_signal(sig)
+    p.wait(timeout=60)
+    reader.join(timeout=10)
+    err = "".join(err)
+    assert p.returncode == 128 + sig, err[-2000:]
+    assert f"stopped by {sig.name} at step" in err
+    run_dir = glob.glob(str(tmp_path / "runs/*"))[0]
+    ck = torch.load(f"{run_dir}/checkpoint.pt", weights_only=True)
+    step = ck["counters"][0]
+    assert step >= 60 and ck["counters"][1] == step - 10, step  # mid-training, an update per step after learning_starts
+    logged = [s for s, _ in scalars(run_dir, "losses/qf1_loss")]
+    assert logged[0] == 20 and step - 10 < logged[-1] <= step, (step, logged)  # the writer was flushed up to the stop
+
+
+def test_capture_video(tmp_path):
+    import ctypes.util
+
+    if ctypes.util.find_library("EGL") is None:
+        pytest.skip("no EGL library: headless MuJoCo rendering needs libegl1 + libgl1-mesa-dri (README)")
+    cmd = [sys.executable, str(HERE / "qsm.py"), "--env-id", "InvertedPendulum-v4", "--total-timesteps", "300",
+           "--learning-starts", "100", "--batch-size", "32", "--actor-hidden-dims", "32", "32", "--critic-hidden-dims",
+           "32", "32", "--no-compile", "--no-cuda", "--eval-freq", "150", "--eval-episodes", "2", "--capture-video"]
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    videos = sorted(glob.glob(str(tmp_path / "videos/*/*.mp4")))
+    assert [Path(v).name for v in videos] == ["step150-episode-0.mp4", "step300-episode-0.mp4"]  # first episode only
+    from moviepy import VideoFileClip
+
+    clip = VideoFileClip(videos[0])
+    assert clip.duration > 0 and clip.get_frame(0).shape == (480, 480, 3) and clip.get_frame(0).std() > 0
+    clip.close()
