@@ -448,6 +448,9 @@ def save_checkpoint(path: str, state: dict):
 def main(args: Args):
     resume = load_checkpoint(args.resume, training=True) if args.resume else None
     if resume:  # a resumed run continues with the flags it was started with
+        ignored = [k for k, v in vars(args).items() if k != "resume" and v != getattr(Args, k)]
+        if ignored:
+            print(f"qsm.py: --resume takes every flag from the checkpoint; ignoring {', '.join(ignored)}", file=sys.stderr)
         args = Args(**{**resume["args"], "resume": args.resume})
     check_args(args)
     probe = make_env(args.env_id)

@@ -284,6 +284,12 @@ def test_main_logs_saves_and_reloads(tmp_path, monkeypatch, capsys):
                            compile=False))
     assert len(ev["eval_returns"]) == 2 and all(-2000 < r <= 0 for r in ev["eval_returns"])
     assert "eval Pendulum-v1: return" in capsys.readouterr().out
+    # bad files: --resume of a weights-only file, a truncated checkpoint
+    with pytest.raises(SystemExit, match="holds only networks"):
+        qsm.main(qsm.Args(resume=ckpt))
+    Path("cut.pt").write_bytes(Path(ckpt).read_bytes()[:1000])
+    with pytest.raises(SystemExit, match="cannot read checkpoint 'cut.pt'"):
+        qsm.main(qsm.Args(resume="cut.pt"))
 
 
 # --- bad input --------------------------------------------------------------------------------------------------
@@ -358,7 +364,7 @@ def test_same_seed_same_run_other_seed_differs(tmp_path, monkeypatch):
     assert returns[0] != returns[2] and not torch.allclose(params[0], params[2])
 
 
-def test_resume_continues_the_run_exactly(tmp_path, monkeypatch):
+def test_resume_continues_the_run_exactly(tmp_path, monkeypatch, capsys):
     """Straight 800 steps vs the checkpoint at 400 resumed: Pendulum pickles with its state, so the resumed run is
     the same run: same parameters bit for bit, and one TensorBoard curve without overlap."""
     monkeypatch.chdir(tmp_path)
@@ -369,7 +375,8 @@ def test_resume_continues_the_run_exactly(tmp_path, monkeypatch):
     assert ck["envs"] is not None and ck["counters"][:2] == (400, 200)
     assert ck["rb"]["size"] == 399  # step 201 was the autoreset after Pendulum's 200-step episode: not stored
 
-    resumed = qsm.main(qsm.Args(resume=str(tmp_path / "at400.pt")))  # every other flag comes from the checkpoint
+    resumed = qsm.main(qsm.Args(resume=str(tmp_path / "at400.pt"), total_timesteps=5))  # flags from the checkpoint
+    assert "ignoring total_timesteps" in capsys.readouterr().err
     assert resumed["run_dir"] == straight["run_dir"] and resumed["num_updates"] == 600
     assert torch.equal(flat_params(resumed["denoiser"], resumed["qf"]), flat_params(straight["denoiser"], straight["qf"]))
     for tag, curve in before.items():  # the steps after 400 were logged twice; the resumed writer purged the first
