@@ -7,7 +7,9 @@
 Runs `python qsm.py` with the defaults a user gets (plus --env-id, --seed, --total-timesteps), `--jobs` at a time,
 each with one torch thread. Each run's curve (`charts/episodic_return` from its TensorBoard log) is written to
 `benchmarks/results/{tag}_{env}_seed{seed}.csv` (env, seed, step, return) as soon as that run ends, so an interrupted
-benchmark loses only the runs in flight; re-running skips every run whose CSV exists. Then it draws
+benchmark loses little: re-running skips every run whose CSV exists, collects runs that finished while no benchmark
+process was watching, and continues an interrupted run from its last `checkpoint.pt` (qsm.py --resume; written every
+`--checkpoint-freq` steps; MuJoCo episodes in flight at the interruption are cut, see README, Long runs). Then it draws
 `benchmarks/learning_curves.png` and prints a Markdown table. Score (as in ../shared/reference/README.md): per seed,
 the mean of the last 10 training episodes ending at or before the budget; then mean ± std over seeds.
 """
@@ -27,29 +29,40 @@ RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "benchmarks" / ".runs"  # TensorBoard logs of the benchmark runs (not committed)
 
 
+def events(run_dir: str, tag: str):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(run_dir, size_guidance={"scalars": 0}).Reload()
+    return ea.Scalars(tag) if tag in ea.Tags()["scalars"] else []
+
+
+def run_dirs(env, seed, o, finished=False) -> list[str]:
+    dirs = sorted(glob.glob(str(RUNS / "runs" / f"{env}__{o.tag}__{seed}__*")))
+    return [d for d in dirs if max((e.step for e in events(d, "charts/SPS")), default=0) >= o.steps] if finished else dirs
+
+
 def run_one(env, seed, o) -> str:
     out = RESULTS / f"{o.tag}_{env}_seed{seed}.csv"
     if out.exists():
         return f"skip {out.name} (done)"
-    cmd = [sys.executable, o.qsm, "--env-id", env, "--seed", str(seed), "--total-timesteps",
-           str(o.steps), "--exp-name", o.tag, *o.extra.split()]
-    log = RUNS / f"{o.tag}_{env}_seed{seed}.log"
-    env_vars = dict(os.environ, OMP_NUM_THREADS=str(o.threads), MKL_NUM_THREADS=str(o.threads))
-    with open(log, "w") as f:
-        f.write(" ".join(cmd) + "\n")
-        f.flush()
-        rc = subprocess.run(cmd, cwd=RUNS, env=env_vars, stdout=f, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        return f"FAILED {env} seed {seed} (rc {rc}), see {log}"
-    run_dir = sorted(glob.glob(str(RUNS / "runs" / f"{env}__{o.tag}__{seed}__*")))[-1]
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    ea = EventAccumulator(run_dir, size_guidance={"scalars": 0}).Reload()
+    if not run_dirs(env, seed, o, finished=True):
+        ckpts = [f"{d}/checkpoint.pt" for d in run_dirs(env, seed, o) if os.path.exists(f"{d}/checkpoint.pt")]
+        cmd = [sys.executable, o.qsm, *(["--resume", ckpts[-1]] if ckpts else [
+            "--env-id", env, "--seed", str(seed), "--total-timesteps", str(o.steps), "--exp-name", o.tag,
+            "--checkpoint-freq", str(o.checkpoint_freq), *o.extra.split()])]
+        log = RUNS / f"{o.tag}_{env}_seed{seed}.log"
+        env_vars = dict(os.environ, OMP_NUM_THREADS=str(o.threads), MKL_NUM_THREADS=str(o.threads))
+        with open(log, "a") as f:
+            f.write(" ".join(cmd) + "\n")
+            f.flush()
+            rc = subprocess.run(cmd, cwd=RUNS, env=env_vars, stdout=f, stderr=subprocess.STDOUT).returncode
+        if rc != 0 or not run_dirs(env, seed, o, finished=True):
+            return f"FAILED {env} seed {seed} (rc {rc}), see {log}; re-run to continue from its checkpoint"
     tmp = out.with_suffix(".tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["env", "seed", "step", "return"])
-        for e in ea.Scalars("charts/episodic_return"):
+        for e in events(run_dirs(env, seed, o, finished=True)[-1], "charts/episodic_return"):
             w.writerow([env, seed, e.step, f"{e.value:.3f}"])
     tmp.rename(out)  # atomic: a CSV exists only for a finished run
     return f"done {out.name}"
@@ -119,6 +132,7 @@ def main():
     p.add_argument("--tag", default="qsm", help="--exp-name of the runs and prefix of their CSVs")
     p.add_argument("--extra", default="", help="extra qsm.py flags, e.g. '--q-grad-scale 10' (use a new --tag)")
     p.add_argument("--qsm", default=str(ROOT / "qsm.py"), help="the script to run (e.g. a frozen copy)")
+    p.add_argument("--checkpoint-freq", type=int, default=5_000, help="qsm.py --checkpoint-freq of new runs")
     p.add_argument("--reference-dir", default=str(ROOT.parent / "shared" / "reference"))
     p.add_argument("--plot-only", action="store_true")
     p.add_argument("--no-plot", action="store_true", help="only run (e.g. for a sweep under another --tag)")
