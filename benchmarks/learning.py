@@ -102,7 +102,7 @@ def summarize(o):
                 continue
             s = np.array([[score(st, r, b) for b in grid] for st, r in curves.values()])
             m, sd = np.nanmean(s, 0), np.nanstd(s, 0)
-            ax.plot(grid, m, color=color, label=f"{name}, {len(curves)} seeds")
+            ax.plot(grid, m, color=color, label=f"{name}, {len(curves)} seed{'s' * (len(curves) > 1)}")
             ax.fill_between(grid, m - sd, m + sd, color=color, alpha=0.2)
             scores[name] = {b: [score(st, r, b) for st, r in curves.values()] for b in (o.steps // 2, o.steps)}
         ax.set_title(env)
