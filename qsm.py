@@ -529,12 +529,13 @@ def main(args: Args):
             torch.cuda.set_rng_state(resume["cuda_rng"])
         rng.bit_generator.state = resume["np_rng"]
     if resume and resume["envs"] is not None:  # the episodes in flight continue exactly
+        envs.close()
         envs = pickle.loads(resume["envs"])  # (pickle runs code: resume only from checkpoints you trust)
         obs, autoreset = resume["obs"].numpy(), resume["autoreset"].numpy()
     else:  # a fresh run, or envs that cannot be saved (MuJoCo): new episodes, seeded by the step
         obs, _ = envs.reset(seed=args.seed + global_step)
 
-    ckpt_path, last_ckpt = f"runs/{run_name}/checkpoint.pt", "none yet"
+    ckpt_path, last_ckpt = f"runs/{run_name}/checkpoint.pt", args.resume or "none yet"
 
     def save(reason: str):
         nonlocal last_ckpt
