@@ -541,8 +541,7 @@ def main(args: Args):
         nonlocal last_ckpt
         for name, net in (("denoiser", denoiser), ("qf", qf)):
             if not all(torch.isfinite(p).all() for p in net.parameters()):
-                shutdown()
-                fail(f"non-finite parameters in {name} at step {global_step}; last good checkpoint: {last_ckpt}")
+                abort(f"non-finite parameters in {name} at step {global_step}; last good checkpoint: {last_ckpt}")
         save_checkpoint(ckpt_path, {
             "args": vars(args), "run_name": run_name, "denoiser": denoiser.state_dict(), "qf": qf.state_dict(),
             "qf_target": qf_target.state_dict(), "q_opt": q_opt.state_dict(), "actor_opt": actor_opt.state_dict(),
@@ -568,6 +567,10 @@ def main(args: Args):
         pbar.close()
         envs.close()
         writer.close()  # flushes the event file
+
+    def abort(msg: str):
+        shutdown()
+        fail(msg)
 
     start_step, start_time = global_step, time.time()
     pbar = tqdm.tqdm(total=args.total_timesteps, initial=global_step, unit="step", dynamic_ncols=True)
@@ -601,9 +604,8 @@ def main(args: Args):
                 num_updates += 1
                 if not torch.isfinite(torch.stack(list(metrics.values()))).all():  # NaN/Inf guard: one host sync
                     bad = ", ".join(f"{k} = {float(v)}" for k, v in metrics.items() if not math.isfinite(float(v)))
-                    shutdown()
-                    fail(f"non-finite {bad} at step {global_step} (update {num_updates}); "
-                         f"last good checkpoint: {last_ckpt} (resume with --resume PATH)")
+                    abort(f"non-finite {bad} at step {global_step} (update {num_updates}); "
+                          f"last good checkpoint: {last_ckpt} (resume with --resume PATH)")
 
         if global_step >= next_log:
             next_log += args.log_freq
@@ -627,9 +629,10 @@ def main(args: Args):
             save("every --checkpoint-freq")
 
     if stop:
-        save(signal.Signals(stop[0]).name)
+        sig = signal.Signals(stop[0]).name
+        save(sig)
         shutdown()
-        print(f"qsm.py: stopped by {signal.Signals(stop[0]).name} at step {global_step}; checkpoint saved, continue with: "
+        print(f"qsm.py: stopped by {sig} at step {global_step}; checkpoint saved, continue with: "
               f"python qsm.py --resume {ckpt_path}", file=sys.stderr)
         sys.exit(128 + stop[0])  # the shell's code for "killed by this signal": schedulers see the run did not finish
     if args.save_model:
