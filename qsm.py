@@ -1,6 +1,7 @@
 # Q-Score Matching (QSM): a diffusion-model policy learned from rewards by matching its score to ∇ₐQ.
 # Psenka, Escontrela, Abbeel, Ma, "Learning a Diffusion Model Policy from Rewards via Q-Score Matching", ICML 2024,
 # arXiv 2312.11752. Official JAX code: github.com/Alescontrela/score_matching_rl. Run: python qsm.py --env-id Walker2d-v4
+import copy
 import functools
 import math
 import os
@@ -75,6 +76,9 @@ class Args:
     """discount factor γ"""
     tau: float = 0.005
     """Polyak rate τ of the target critics"""
+    actor_tau: float = 1.0
+    """Polyak rate of a target denoiser that acts and samples a' in the critic target ("actor_tau" in the official
+    code, which uses 0.001); 1 = no target denoiser, ε_θ itself acts (our default, the one benchmarked: README)"""
     critic_lr: float = 1e-3
     """Adam learning rate of the twin critics (official: 3e-4; 1e-3, CleanRL SAC's, learned Hopper faster: README)"""
     actor_lr: float = 3e-4
@@ -308,13 +312,13 @@ def polyak_update(net: nn.Module, target: nn.Module, tau: float):
     torch._foreach_lerp_(list(target.parameters()), list(net.parameters()), tau)  # φ̄ ← (1-τ)φ̄ + τφ
 
 
-def make_update(denoiser, qf, qf_target, q_opt, actor_opt, sched, args: Args):
-    """Returns update(batch): a critic TD step, a QSM actor step and a Polyak step; metrics stay tensors (no host
+def make_update(denoiser, denoiser_target, qf, qf_target, q_opt, actor_opt, sched, args: Args):
+    """Returns update(batch): a critic TD step, a QSM actor step and Polyak steps; metrics stay tensors (no host
     sync). With --compile the two losses, forward and backward, run as inductor-compiled graphs."""
     c_loss, a_loss = (torch.compile(critic_loss), torch.compile(qsm_loss)) if args.compile else (critic_loss, qsm_loss)
 
     def update(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        q_loss, q_info = c_loss(qf, qf_target, denoiser, sched, batch, args)
+        q_loss, q_info = c_loss(qf, qf_target, denoiser_target, sched, batch, args)
         q_opt.zero_grad()
         q_loss.backward()
         q_opt.step()
@@ -323,6 +327,8 @@ def make_update(denoiser, qf, qf_target, q_opt, actor_opt, sched, args: Args):
         actor_loss.backward()
         actor_opt.step()
         polyak_update(qf, qf_target, args.tau)
+        if denoiser_target is not denoiser:
+            polyak_update(denoiser, denoiser_target, args.actor_tau)
         return {**q_info, **a_info}
 
     return update
@@ -360,7 +366,8 @@ def check_args(args: Args):
          f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}"),
         (args.learning_starts >= 0, f"--learning-starts must be ≥ 0 (got {args.learning_starts})"),
         (args.utd_ratio >= 1, f"--utd-ratio must be ≥ 1 (got {args.utd_ratio})"),
-        (0 < args.tau <= 1 and 0 <= args.gamma <= 1, "need 0 < --tau ≤ 1 and 0 ≤ --gamma ≤ 1"),
+        (0 < args.tau <= 1 and 0 < args.actor_tau <= 1 and 0 <= args.gamma <= 1,
+         "need 0 < --tau ≤ 1, 0 < --actor-tau ≤ 1 and 0 ≤ --gamma ≤ 1"),
         (all(h >= 1 for h in args.actor_hidden_dims + args.critic_hidden_dims), "hidden dims must be ≥ 1"),
         (args.time_dim >= 2 and args.time_dim % 2 == 0, f"--time-dim must be even and ≥ 2 (got {args.time_dim})"),
         (not args.eval_only or args.checkpoint, "--eval-only needs --checkpoint PATH"),
@@ -478,9 +485,10 @@ def main(args: Args):
     qf = TwinQ(obs_dim, act_dim, args.critic_hidden_dims).to(device)
     qf_target = TwinQ(obs_dim, act_dim, args.critic_hidden_dims).to(device)
     if ckpt:
-        denoiser.load_state_dict(ckpt["denoiser"])
+        denoiser.load_state_dict(ckpt.get("denoiser_target", ckpt["denoiser"]))  # the policy that acted
         qf.load_state_dict(ckpt["qf"])
     qf_target.load_state_dict(qf.state_dict())
+    denoiser_target = copy.deepcopy(denoiser) if args.actor_tau < 1 else denoiser  # the denoiser that acts
 
     if args.eval_only:
         video = (f"videos/{args.env_id}__eval__{int(time.time())}", "eval") if args.capture_video else None
@@ -505,7 +513,7 @@ def main(args: Args):
     actor_sched = torch.optim.lr_scheduler.LambdaLR(
         actor_opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, K) / K)) if K > 0 else 1.0)
 
-    update = make_update(denoiser, qf, qf_target, q_opt, actor_opt, sched, args)
+    update = make_update(denoiser, denoiser_target, qf, qf_target, q_opt, actor_opt, sched, args)
     sample = torch.compile(ddpm_sample) if args.compile else ddpm_sample
 
     # functools.partial, not a lambda, so that the vector env can be pickled into checkpoints
@@ -519,8 +527,9 @@ def main(args: Args):
     recent_returns, metrics = deque(maxlen=10), {}
     autoreset = np.zeros(args.num_envs, dtype=bool)  # Gymnasium 1.x: the step after a done is a reset, not a transition
     if resume:
-        for obj, key in ((denoiser, "denoiser"), (qf, "qf"), (qf_target, "qf_target"), (q_opt, "q_opt"),
-                         (actor_opt, "actor_opt"), (actor_sched, "actor_sched"), (rb, "rb")):
+        for obj, key in ((denoiser, "denoiser"), (denoiser_target, "denoiser_target"), (qf, "qf"),
+                         (qf_target, "qf_target"), (q_opt, "q_opt"), (actor_opt, "actor_opt"),
+                         (actor_sched, "actor_sched"), (rb, "rb")):
             obj.load_state_dict(resume[key])
         global_step, num_updates, next_eval, next_log, next_ckpt = resume["counters"]
         recent_returns.extend(resume["recent_returns"])
@@ -544,8 +553,9 @@ def main(args: Args):
                 abort(f"non-finite parameters in {name} at step {global_step}; last good checkpoint: {last_ckpt}")
         save_checkpoint(ckpt_path, {
             "args": vars(args), "run_name": run_name, "denoiser": denoiser.state_dict(), "qf": qf.state_dict(),
-            "qf_target": qf_target.state_dict(), "q_opt": q_opt.state_dict(), "actor_opt": actor_opt.state_dict(),
-            "actor_sched": actor_sched.state_dict(), "rb": rb.state_dict(), "envs": env_state(envs),
+            "denoiser_target": denoiser_target.state_dict(), "qf_target": qf_target.state_dict(),
+            "q_opt": q_opt.state_dict(), "actor_opt": actor_opt.state_dict(), "actor_sched": actor_sched.state_dict(),
+            "rb": rb.state_dict(), "envs": env_state(envs),
             "obs": torch.from_numpy(obs), "autoreset": torch.from_numpy(autoreset),
             "counters": (global_step, num_updates, next_eval, next_log, next_ckpt),
             "recent_returns": list(recent_returns), "torch_rng": torch.get_rng_state(),
@@ -580,7 +590,7 @@ def main(args: Args):
             actions = rng.uniform(-1, 1, (args.num_envs, act_dim)).astype(np.float32)
         else:
             s = torch.as_tensor(obs, dtype=torch.float32, device=device)
-            a = sample(denoiser, sched, s, act_dim, args.ddpm_temperature, args.clip_sampler)
+            a = sample(denoiser_target, sched, s, act_dim, args.ddpm_temperature, args.clip_sampler)
             actions = (a + args.exploration_noise * torch.randn_like(a)).clamp(-1, 1).cpu().numpy()
         next_obs, rewards, terminations, truncations, infos = envs.step(to_env_action(actions, act_space))
         rb.add(obs, next_obs, actions, rewards, terminations, keep=~autoreset)
@@ -621,7 +631,7 @@ def main(args: Args):
         if args.eval_freq > 0 and global_step >= next_eval:
             next_eval += args.eval_freq
             video = (f"videos/{run_name}", f"step{global_step}") if args.capture_video else None
-            returns = evaluate(denoiser, sched, args, device, args.eval_episodes, video)
+            returns = evaluate(denoiser_target, sched, args, device, args.eval_episodes, video)
             writer.add_scalar("eval/episodic_return", np.mean(returns), global_step)
 
         if args.checkpoint_freq > 0 and global_step >= next_ckpt:
@@ -637,7 +647,7 @@ def main(args: Args):
         sys.exit(128 + stop[0])  # the shell's code for "killed by this signal": schedulers see the run did not finish
     if args.save_model:
         path = f"runs/{run_name}/qsm.pt"
-        torch.save({"denoiser": denoiser.state_dict(), "qf": qf.state_dict(), "args": vars(args)}, path)
+        torch.save({"denoiser": denoiser_target.state_dict(), "qf": qf.state_dict(), "args": vars(args)}, path)
         print(f"model saved to {path}; evaluate it with: python qsm.py --env-id {args.env_id} --checkpoint {path} --eval-only")
     shutdown()
     return {"rb": rb, "denoiser": denoiser, "qf": qf, "run_dir": f"runs/{run_name}", "num_updates": num_updates,

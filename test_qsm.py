@@ -1,4 +1,5 @@
 """Tests of qsm.py: the algorithm's pieces, the environment handling, the whole loop, and learning on Pendulum."""
+import copy
 import glob
 import re
 import signal
@@ -225,7 +226,7 @@ def test_compiled_update_matches_eager(monkeypatch):
         qf_t.load_state_dict(qf.state_dict())
         q_opt = torch.optim.Adam(qf.parameters(), lr=1e-3, fused=True)
         a_opt = torch.optim.Adam(den.parameters(), lr=1e-3, fused=True)
-        update = qsm.make_update(den, qf, qf_t, q_opt, a_opt, sched, args)
+        update = qsm.make_update(den, den, qf, qf_t, q_opt, a_opt, sched, args)
         flat_params = lambda: torch.cat([p.detach().flatten() for m in (den, qf, qf_t) for p in m.parameters()])
         p_init = flat_params()
         torch.manual_seed(1)
@@ -237,6 +238,31 @@ def test_compiled_update_matches_eager(monkeypatch):
             assert torch.allclose(me[k], mc[k], rtol=1e-4, atol=1e-5), (k, me[k], mc[k])
     assert torch.allclose(p_eager, p_comp, rtol=1e-4, atol=1e-5), (p_eager - p_comp).abs().max()
     assert (p_eager - p_init).abs().max() > 1e-3  # the three updates did move the parameters
+
+
+def test_target_denoiser_acts_in_the_critic_target_and_follows_by_polyak(monkeypatch):
+    """--actor-tau < 1 (the official code's target score model): a' in the critic target comes from the target
+    denoiser, which moves by φ̄ ← (1-τ)φ̄ + τφ after each update; ε_θ itself gets the QSM gradient."""
+    S, A, B = 3, 2, 16
+    args = qsm.Args(actor_tau=0.25, compile=False)
+    torch.manual_seed(0)
+    sched = qsm.Schedule(args.beta_schedule, args.diffusion_steps, torch.device("cpu"))
+    den, qf, qf_t = qsm.Denoiser(S, A, (16, 16), 8), qsm.TwinQ(S, A, (16, 16)), qsm.TwinQ(S, A, (16, 16))
+    den_t = copy.deepcopy(den)
+    q_opt, a_opt = torch.optim.Adam(qf.parameters(), lr=1e-2), torch.optim.Adam(den.parameters(), lr=1e-2)
+    sampled_with = []
+    real_sample = qsm.ddpm_sample
+    monkeypatch.setattr(qsm, "ddpm_sample", lambda d, *a, **k: sampled_with.append(d) or real_sample(d, *a, **k))
+    update = qsm.make_update(den, den_t, qf, qf_t, q_opt, a_opt, sched, args)
+    batch = {"obs": torch.randn(B, S), "next_obs": torch.randn(B, S), "actions": torch.rand(B, A) * 2 - 1,
+             "rewards": torch.randn(B), "terminated": torch.zeros(B)}
+    flat = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])
+    for _ in range(3):
+        before = flat(den_t)
+        update(batch)
+        assert torch.allclose(flat(den_t), 0.75 * before + 0.25 * flat(den), atol=1e-6)
+    assert sampled_with == [den_t] * 3
+    assert (flat(den_t) - flat(den)).abs().max() > 1e-3  # the target lags the denoiser
 
 
 # --- environment handling ---------------------------------------------------------------------------------------
@@ -364,12 +390,13 @@ def test_same_seed_same_run_other_seed_differs(tmp_path, monkeypatch):
     assert returns[0] != returns[2] and not torch.allclose(params[0], params[2])
 
 
-def test_resume_continues_the_run_exactly(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("actor_tau", [1.0, 0.05])  # 0.05: the target denoiser, which acts, is restored too
+def test_resume_continues_the_run_exactly(actor_tau, tmp_path, monkeypatch, capsys):
     """Straight 800 steps vs the checkpoint at 400 resumed: Pendulum pickles with its state, so the resumed run is
     the same run: same parameters bit for bit, and one TensorBoard curve without overlap."""
     monkeypatch.chdir(tmp_path)
     keep_checkpoint_at(400, tmp_path / "at400.pt", monkeypatch)
-    straight = qsm.main(small_args(total_timesteps=800, learning_starts=200, checkpoint_freq=200))
+    straight = qsm.main(small_args(total_timesteps=800, learning_starts=200, checkpoint_freq=200, actor_tau=actor_tau))
     before = {tag: scalars(straight["run_dir"], tag) for tag in ("charts/episodic_return", "losses/actor_loss")}
     ck = torch.load(tmp_path / "at400.pt", weights_only=True)
     assert ck["envs"] is not None and ck["counters"][:2] == (400, 200)
