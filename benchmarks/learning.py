@@ -45,7 +45,8 @@ def run_one(env, seed, o) -> str:
     out = RESULTS / f"{o.tag}_{env}_seed{seed}.csv"
     if out.exists():
         return f"skip {out.name} (done)"
-    if not run_dirs(env, seed, o, finished=True):
+    finished = run_dirs(env, seed, o, finished=True)
+    if not finished:
         ckpts = [f"{d}/checkpoint.pt" for d in run_dirs(env, seed, o) if os.path.exists(f"{d}/checkpoint.pt")]
         cmd = [sys.executable, o.qsm, *(["--resume", ckpts[-1]] if ckpts else [
             "--env-id", env, "--seed", str(seed), "--total-timesteps", str(o.steps), "--exp-name", o.tag,
@@ -56,13 +57,14 @@ def run_one(env, seed, o) -> str:
             f.write(" ".join(cmd) + "\n")
             f.flush()
             rc = subprocess.run(cmd, cwd=RUNS, env=env_vars, stdout=f, stderr=subprocess.STDOUT).returncode
-        if rc != 0 or not run_dirs(env, seed, o, finished=True):
+        finished = run_dirs(env, seed, o, finished=True)
+        if rc != 0 or not finished:
             return f"FAILED {env} seed {seed} (rc {rc}), see {log}; re-run to continue from its checkpoint"
     tmp = out.with_suffix(".tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["env", "seed", "step", "return"])
-        for e in events(run_dirs(env, seed, o, finished=True)[-1], "charts/episodic_return"):
+        for e in events(finished[-1], "charts/episodic_return"):
             w.writerow([env, seed, e.step, f"{e.value:.3f}"])
     tmp.rename(out)  # atomic: a CSV exists only for a finished run
     return f"done {out.name}"
