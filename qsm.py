@@ -1,8 +1,11 @@
 # Q-Score Matching (QSM): a diffusion-model policy learned from rewards by matching its score to ∇ₐQ.
 # Psenka, Escontrela, Abbeel, Ma, "Learning a Diffusion Model Policy from Rewards via Q-Score Matching", ICML 2024,
 # arXiv 2312.11752. Official JAX code: github.com/Alescontrela/score_matching_rl. Run: python qsm.py --env-id Walker2d-v4
+import contextlib
 import copy
 import functools
+import importlib.util
+import itertools
 import math
 import os
 import pickle
@@ -229,21 +232,27 @@ class ReplayBuffer:
     FIELDS = ("obs", "next_obs", "actions", "rewards", "terminated")
 
     def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
-        # np.full, not np.zeros: it writes every page now, so a buffer too big for RAM fails here, not hours later
-        self.obs = np.full((capacity, obs_dim), 0, np.float32)
-        self.next_obs = np.full((capacity, obs_dim), 0, np.float32)
-        self.actions = np.full((capacity, act_dim), 0, np.float32)
-        self.rewards = np.full(capacity, 0, np.float32)
-        self.terminated = np.full(capacity, 0, np.float32)
+        need = 4 * capacity * (2 * obs_dim + act_dim + 2)  # bytes
+        try:  # np.full, not np.zeros: it writes every page now, so a buffer too big for RAM fails here, not hours later
+            if need > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):
+                raise MemoryError
+            self.obs = np.full((capacity, obs_dim), 0, np.float32)
+            self.next_obs = np.full((capacity, obs_dim), 0, np.float32)
+            self.actions = np.full((capacity, act_dim), 0, np.float32)
+            self.rewards = np.full(capacity, 0, np.float32)
+            self.terminated = np.full(capacity, 0, np.float32)
+        except MemoryError:
+            fail(f"a replay buffer of {capacity:,} transitions needs {need / 2**30:.1f} GiB, more than this machine "
+                 f"has; lower --buffer-size")
         self.capacity, self.size, self.pos, self.device = capacity, 0, 0, device
 
-    def add(self, obs, next_obs, actions, rewards, terminated, keep):
-        """Store the rows where `keep` is true (the others are Gymnasium's autoreset steps)."""
-        for row in np.flatnonzero(keep):
-            i = self.pos
-            self.obs[i], self.next_obs[i], self.actions[i] = obs[row], next_obs[row], actions[row]
-            self.rewards[i], self.terminated[i] = rewards[row], terminated[row]
-            self.pos, self.size = (i + 1) % self.capacity, min(self.size + 1, self.capacity)
+    def add(self, obs, next_obs, actions, rewards, terminated):
+        """Store one transition per env; float64 observations become float32."""
+        n = len(obs)
+        idx = (self.pos + np.arange(n)) % self.capacity
+        self.obs[idx], self.next_obs[idx], self.actions[idx] = obs, next_obs, actions
+        self.rewards[idx], self.terminated[idx] = rewards, terminated
+        self.pos, self.size = (self.pos + n) % self.capacity, min(self.size + n, self.capacity)
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         idx = rng.integers(0, self.size, batch_size)
@@ -335,49 +344,87 @@ def make_update(denoiser, denoiser_target, qf, qf_target, q_opt, actor_opt, sche
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Environment helpers, input checks and evaluation.
+# Input checks and environment helpers: everything that can fail, fails before training, in one line.
 # ---------------------------------------------------------------------------------------------------------------
 def fail(msg: str):
-    sys.exit(f"qsm.py: error: {msg}")
+    sys.exit(f"qsm.py: error: {msg}")  # one line on stderr, exit status 1
 
 
-def make_env(env_id: str, **kwargs):
-    try:
-        return gym.make(env_id, **kwargs)
-    except gym.error.Error as e:
-        fail(f"cannot make environment {env_id!r}: {e}")
-
-
-def check_spaces(env_id: str, obs_space: gym.Space, act_space: gym.Space):
-    if not isinstance(act_space, gym.spaces.Box):
-        fail(f"{env_id} has a {type(act_space).__name__} action space; QSM needs a continuous Box action space")
-    if not (np.isfinite(act_space.low).all() and np.isfinite(act_space.high).all()):
-        fail(f"{env_id} has an unbounded action space {act_space}; QSM needs finite bounds to rescale [-1, 1]")
-    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
-        fail(f"{env_id} has observations {obs_space}; QSM here needs a flat (1-D) Box observation space")
+def first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or ['(no message)'])[0]}"
 
 
 def check_args(args: Args):
+    a = args
     checks = [
-        (args.diffusion_steps >= 1, f"--diffusion-steps must be ≥ 1 (got {args.diffusion_steps})"),
-        (args.num_envs >= 1, f"--num-envs must be ≥ 1 (got {args.num_envs})"),
-        (args.batch_size >= 1, f"--batch-size must be ≥ 1 (got {args.batch_size})"),
-        (args.batch_size <= args.buffer_size,
-         f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}"),
-        (args.learning_starts >= 0, f"--learning-starts must be ≥ 0 (got {args.learning_starts})"),
-        (args.utd_ratio >= 1, f"--utd-ratio must be ≥ 1 (got {args.utd_ratio})"),
-        (0 < args.tau <= 1 and 0 < args.actor_tau <= 1 and 0 <= args.gamma <= 1,
+        (0 <= a.seed < 2**31, f"--seed must be in [0, 2^31) (got {a.seed})"),
+        (a.num_envs >= 1 and a.batch_size >= 1 and a.utd_ratio >= 1 and a.diffusion_steps >= 1,
+         "--num-envs, --batch-size, --utd-ratio and --diffusion-steps must be ≥ 1"),
+        (a.batch_size <= a.buffer_size, f"--batch-size {a.batch_size} is larger than --buffer-size {a.buffer_size}"),
+        (a.learning_starts >= 0, f"--learning-starts must be ≥ 0 (got {a.learning_starts})"),
+        (a.eval_only or a.learning_starts < a.total_timesteps,
+         f"--learning-starts {a.learning_starts} ≥ --total-timesteps {a.total_timesteps}: no update would run"),
+        (0 < a.tau <= 1 and 0 < a.actor_tau <= 1 and 0 <= a.gamma <= 1,
          "need 0 < --tau ≤ 1, 0 < --actor-tau ≤ 1 and 0 ≤ --gamma ≤ 1"),
-        (all(h >= 1 for h in args.actor_hidden_dims + args.critic_hidden_dims), "hidden dims must be ≥ 1"),
-        (args.time_dim >= 2 and args.time_dim % 2 == 0, f"--time-dim must be even and ≥ 2 (got {args.time_dim})"),
-        (not args.eval_only or args.checkpoint, "--eval-only needs --checkpoint PATH"),
-        (args.checkpoint_freq >= 0, f"--checkpoint-freq must be ≥ 0 (got {args.checkpoint_freq})"),
-        (args.eval_only or args.learning_starts < args.total_timesteps,
-         f"--learning-starts {args.learning_starts} ≥ --total-timesteps {args.total_timesteps}: no update would run"),
+        (a.critic_lr > 0 and a.actor_lr > 0, f"learning rates must be > 0 (got {a.critic_lr}, {a.actor_lr})"),
+        (a.actor_lr_decay_steps >= 0, f"--actor-lr-decay-steps must be ≥ 0 (got {a.actor_lr_decay_steps})"),
+        (len(a.actor_hidden_dims) > 0 and len(a.critic_hidden_dims) > 0 and min(a.actor_hidden_dims + a.critic_hidden_dims) >= 1,
+         "--actor-hidden-dims and --critic-hidden-dims need at least one width, each ≥ 1"),
+        (a.time_dim >= 2 and a.time_dim % 2 == 0, f"--time-dim must be even and ≥ 2 (got {a.time_dim})"),
+        (a.q_grad_scale > 0, f"--q-grad-scale must be > 0 (got {a.q_grad_scale})"),
+        (min(a.ddpm_temperature, a.exploration_noise, a.target_noise) >= 0,
+         "--ddpm-temperature, --exploration-noise and --target-noise must be ≥ 0"),
+        (min(a.eval_freq, a.checkpoint_freq) >= 0 and a.log_freq >= 1,
+         "--eval-freq and --checkpoint-freq must be ≥ 0 (0 = never), --log-freq ≥ 1"),
+        (a.eval_episodes >= 1 or (a.eval_freq == 0 and not a.eval_only),
+         "--eval-episodes must be ≥ 1 when evaluating (or --eval-freq 0)"),
+        (not a.eval_only or a.checkpoint, "--eval-only needs --checkpoint PATH"),
+        (not a.track or importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
     ]
     for ok, msg in checks:
         if not ok:
             fail(msg)
+
+
+TIME_LIMIT = 1000  # steps per episode for envs registered without one (MuJoCo's and DeepMind Control's length)
+
+
+def make_env(env_id: str, render: bool = False) -> gym.Env:
+    """The one place envs are made (training, evaluation, checks). Every episode ends: an env registered without a
+    time limit gets TIME_LIMIT steps (truncation, so the critic target still bootstraps)."""
+    try:
+        env = gym.make(env_id, **({"render_mode": "rgb_array"} if render else {}))
+    except Exception as e:
+        fail(f"cannot make environment {env_id!r}{' to render (--capture-video)' * render}: {first_line(e)}")
+    return env if env.spec.max_episode_steps else gym.wrappers.TimeLimit(env, TIME_LIMIT)
+
+
+def check_env(args: Args) -> tuple[int, int]:
+    """Make, reset and step the training env, and the evaluation env if it differs (rendering with --capture-video),
+    so that what would fail at the first evaluation fails now. Returns (observation size, action size)."""
+    if args.capture_video:
+        os.environ.setdefault("MUJOCO_GL", "egl")  # headless OpenGL for MuJoCo (or osmesa); read at the first render
+        if importlib.util.find_spec("moviepy") is None:  # gymnasium's RecordVideo writes mp4 files with it
+            fail("--capture-video needs moviepy (pip install -r requirements.txt)")
+    for render in sorted({False, args.capture_video}):
+        env = make_env(args.env_id, render)
+        obs_space, act = env.observation_space, env.action_space
+        if not isinstance(act, gym.spaces.Box) or len(act.shape) != 1:
+            fail(f"{args.env_id} has the action space {act}; QSM needs a continuous 1-D Box action space")
+        if not (np.isfinite(act.low).all() and np.isfinite(act.high).all()):
+            fail(f"{args.env_id} has an unbounded action space {act}; QSM needs finite bounds to rescale [-1, 1]")
+        if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+            fail(f"{args.env_id} has observations {obs_space}; QSM here needs a flat (1-D) Box observation space")
+        try:
+            env.reset(seed=args.seed)
+            env.step(to_env_action(np.zeros(act.shape), act))
+            if render and not isinstance(env.render(), np.ndarray):
+                raise RuntimeError("render() gave no frame")
+        except Exception as e:
+            hint = " (--capture-video: see README, Long runs)" if render else ""
+            fail(f"{args.env_id}: reset/step{'/render' * render} failed: {first_line(e)}{hint}")
+        env.close()
+    return obs_space.shape[0], act.shape[0]
 
 
 def to_env_action(a: np.ndarray, space: gym.spaces.Box) -> np.ndarray:
@@ -385,31 +432,62 @@ def to_env_action(a: np.ndarray, space: gym.spaces.Box) -> np.ndarray:
     return space.low + (a + 1) * 0.5 * (space.high - space.low)
 
 
-def check_video(env_id: str):
-    """Fail at the start, not at the first evaluation, if videos cannot be rendered or written."""
-    os.environ.setdefault("MUJOCO_GL", "egl")  # headless OpenGL for MuJoCo (or osmesa); read at the first render
-    try:
-        import moviepy  # noqa: F401  (gymnasium's RecordVideo writes mp4 files with it)
-
-        env = gym.make(env_id, render_mode="rgb_array")
-        env.reset(seed=0)
-        if not isinstance(env.render(), np.ndarray):
-            raise RuntimeError("render() gave no frame")
-        env.close()
-    except Exception as e:
-        fail(f"--capture-video: cannot render {env_id}: {type(e).__name__}: {e} (see README, Long runs)")
+def check_finite(source: str, step: int, last_ckpt: str, **fields: np.ndarray):
+    """Stop before a NaN or Inf reaches the env or the replay buffer (and through it every later checkpoint)."""
+    for name, x in fields.items():
+        if not np.isfinite(x).all():
+            fail(f"non-finite {name.replace('_', ' ')} from {source} at step {step}; it was not stored; last good "
+                 f"checkpoint: {last_ckpt}")
 
 
-def evaluate(denoiser, sched, args: Args, device, episodes: int, video: Optional[tuple[str, str]] = None) -> list[float]:
-    """DDPM-sampled actions without exploration noise. video = (folder, file prefix): record the first episode."""
-    env = make_env(args.env_id, render_mode="rgb_array" if video else None)
+class Stop:
+    """Ctrl-C (SIGINT), SIGTERM (sent by schedulers, SIGKILL follows) and SIGHUP (a closed terminal). Until training
+    begins they exit at once (nothing to save); then the loop stops at the next step boundary, and evaluation at
+    the next env step, the run saves a checkpoint and exits; a second signal kills at once. bool(stop): stop now."""
+
+    SIGNALS = [getattr(signal, s) for s in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, s)]
+
+    def __init__(self):
+        self.signum, self.training = None, False
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+    def __enter__(self):
+        self.saved = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.saved.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if signum == getattr(signal, "SIGHUP", None):  # the terminal is gone: writing to it would raise, so write nowhere
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1)
+            os.dup2(null, 2)
+        if not self.training:
+            print(f"\nqsm.py: {name} before training began: exiting, nothing to save", file=sys.stderr)
+            sys.exit(128 + signum)
+        self.signum = signum
+        for s in self.SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
+        print(f"\nqsm.py: {name}: saving a checkpoint at the end of this step, then exiting; a second signal "
+              f"(Ctrl-C) exits at once without saving (the last checkpoint stays whole)", file=sys.stderr)
+
+
+def evaluate(denoiser, sched, args: Args, device, stop: Stop, video: Optional[tuple[str, str]] = None):
+    """Returns of --eval-episodes episodes of DDPM-sampled actions without exploration noise, or None if a stop
+    signal came first. video = (folder, file prefix): record the first episode."""
+    env = make_env(args.env_id, render=video is not None)
     if video:
         env = gym.wrappers.RecordVideo(env, video[0], episode_trigger=lambda ep: ep == 0, name_prefix=video[1])
     returns = []
-    for ep in range(episodes):
-        obs, _ = env.reset(seed=args.seed + 10_000 + ep)
+    while len(returns) < args.eval_episodes and not stop:
+        obs, _ = env.reset(seed=args.seed + 10_000 + len(returns))
         done, ep_return = False, 0.0
-        while not done:
+        while not (done or stop):
             s = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
             a = ddpm_sample(denoiser, sched, s, env.action_space.shape[0], args.ddpm_temperature, args.clip_sampler)
             obs, r, terminated, truncated, _ = env.step(to_env_action(a[0].cpu().numpy(), env.action_space))
@@ -417,12 +495,29 @@ def evaluate(denoiser, sched, args: Args, device, episodes: int, video: Optional
             done = terminated or truncated
         returns.append(ep_return)
     env.close()
-    return returns
+    return None if stop else returns
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checkpoints: everything a run needs to continue, written atomically; all of it loads with weights_only=True.
+# Checkpoints: everything a run needs to continue, written atomically; all but the envs load with weights_only.
 # ---------------------------------------------------------------------------------------------------------------
+class RNG:
+    """The run's random streams: numpy's (random actions, batches) and torch's (everything else)."""
+
+    def __init__(self, seed: int, device: torch.device):
+        self.np, self.cuda = np.random.default_rng(seed), device.type == "cuda"
+
+    def state_dict(self) -> dict:
+        return {"np": self.np.bit_generator.state, "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if self.cuda else None}
+
+    def load_state_dict(self, state: dict):
+        self.np.bit_generator.state = state["np"]
+        torch.set_rng_state(state["torch"])
+        if self.cuda and state["cuda"] is not None:
+            torch.cuda.set_rng_state(state["cuda"])
+
+
 def env_state(envs: gym.vector.VectorEnv) -> Optional[bytes]:
     """The vector env pickled, where pickling keeps the episodes in flight. Gymnasium's MuJoCo envs are EzPickle:
     they pickle only their constructor arguments, so for them this is None and a resumed run starts new episodes."""
@@ -438,21 +533,53 @@ def load_checkpoint(path: str, training: bool = False) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        fail(f"cannot read checkpoint {path!r}: {type(e).__name__}: {str(e).splitlines()[0]}")
+        fail(f"cannot read checkpoint {path!r}: {first_line(e)}")
+    if not isinstance(ckpt, dict) or not {"args", "dims", "denoiser", "qf"} <= ckpt.keys():
+        fail(f"{path} is not a checkpoint of this qsm.py (a file of another program, or of an older version)")
     if training and "rb" not in ckpt:
         fail(f"{path} holds only networks (--save-model); --resume needs a runs/<run>/checkpoint.pt")
     return ckpt
 
 
+def check_fits(ckpt: dict, path: str, env_id: str, dims: tuple[int, int]):
+    made_for, ours = (ckpt["args"]["env_id"], *ckpt["dims"]), (env_id, *dims)
+    if made_for != ours:
+        fail(f"{path} was made for {made_for[0]} (obs {made_for[1]}, act {made_for[2]}), not {env_id} (obs "
+             f"{dims[0]}, act {dims[1]}); pass --env-id {made_for[0]}")
+
+
 def save_checkpoint(path: str, state: dict):
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: a crash while saving leaves the previous checkpoint whole
+    try:
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)  # atomic: a crash while saving leaves the previous checkpoint whole
+    except (OSError, RuntimeError) as e:  # a full disk, a removed folder: leave no partial file behind
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        fail(f"cannot write {path}: {first_line(e)}; the previous checkpoint, if any, is unchanged")
+
+
+def make_run_dir(run_name: str) -> str:
+    """runs/{run_name}, made here and by no other run: a run started in the same second gets a suffix _2, _3…"""
+    try:
+        os.makedirs("runs", exist_ok=True)
+        for i in itertools.count(1):
+            name = run_name if i == 1 else f"{run_name}_{i}"
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(f"runs/{name}")  # atomic: of two runs asking for one name, one gets it
+                return name
+    except OSError as e:
+        fail(f"cannot make a run folder in {os.getcwd()}/runs: {first_line(e)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Training loop.
 # ---------------------------------------------------------------------------------------------------------------
 def main(args: Args):
+    with Stop() as stop:
+        return train(args, stop)
+
+
+def train(args: Args, stop: Stop):
     resume = load_checkpoint(args.resume, training=True) if args.resume else None
     if resume:  # a resumed run continues with the flags it was started with
         ignored = [k for k, v in vars(args).items() if k != "resume" and v != getattr(Args, k)]
@@ -460,14 +587,11 @@ def main(args: Args):
             print(f"qsm.py: --resume takes every flag from the checkpoint; ignoring {', '.join(ignored)}", file=sys.stderr)
         args = Args(**{**resume["args"], "resume": args.resume})
     check_args(args)
-    probe = make_env(args.env_id)
-    check_spaces(args.env_id, probe.observation_space, probe.action_space)
-    obs_dim, act_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
-    probe.close()
-    if args.capture_video:
-        check_video(args.env_id)
-
+    obs_dim, act_dim = check_env(args)
     ckpt = load_checkpoint(args.checkpoint) if args.checkpoint else None
+    for c, path in ((resume, args.resume), (ckpt, args.checkpoint)):
+        if c:
+            check_fits(c, path, args.env_id, (obs_dim, act_dim))
     if ckpt:  # the architecture comes from the checkpoint
         for k in ("actor_hidden_dims", "critic_hidden_dims", "time_dim", "diffusion_steps", "beta_schedule"):
             setattr(args, k, ckpt["args"][k])
@@ -491,165 +615,150 @@ def main(args: Args):
     denoiser_target = copy.deepcopy(denoiser) if args.actor_tau < 1 else denoiser  # the denoiser that acts
 
     if args.eval_only:
-        video = (f"videos/{args.env_id}__eval__{int(time.time())}", "eval") if args.capture_video else None
-        returns = evaluate(denoiser, sched, args, device, args.eval_episodes, video)
+        video = (f"videos/{args.env_id.replace('/', '-')}__eval__{int(time.time())}", "eval") if args.capture_video else None
+        returns = evaluate(denoiser, sched, args, device, stop, video)
         print(f"eval {args.env_id}: return {np.mean(returns):.1f} ± {np.std(returns):.1f} over {len(returns)} episodes")
         return {"eval_returns": returns}
-
-    run_name = resume["run_name"] if resume else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
-    # on resume, purge_step drops what the interrupted run logged after its checkpoint, so the curve has no overlap
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=resume["counters"][0] + 1 if resume else None)
-    if not resume:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     q_opt = torch.optim.Adam(qf.parameters(), lr=args.critic_lr, fused=True)  # fused: one kernel for all params
     actor_opt = torch.optim.Adam(denoiser.parameters(), lr=args.actor_lr, fused=True)
     K = args.actor_lr_decay_steps  # cosine decay lr·½(1 + cos(π·min(k, K)/K)), as optax.cosine_decay_schedule
     actor_sched = torch.optim.lr_scheduler.LambdaLR(
         actor_opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, K) / K)) if K > 0 else 1.0)
-
     update = make_update(denoiser, denoiser_target, qf, qf_target, q_opt, actor_opt, sched, args)
     sample = torch.compile(ddpm_sample) if args.compile else ddpm_sample
+    rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim, device)
+    rng = RNG(args.seed, device)
 
-    # functools.partial, not a lambda, so that the vector env can be pickled into checkpoints
-    envs = gym.vector.SyncVectorEnv([functools.partial(make_env, args.env_id) for _ in range(args.num_envs)])
+    # Gymnasium's same-step autoreset: every step is a transition; an ended episode's last obs is in infos["final_obs"]
+    # (functools.partial, not a lambda, so that the vector env can be pickled into checkpoints)
+    envs = gym.vector.SyncVectorEnv([functools.partial(make_env, args.env_id) for _ in range(args.num_envs)],
+                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
     act_space = envs.single_action_space
-    rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim, device)
-    rng = np.random.default_rng(args.seed)
+    global_step, num_updates, recent_returns, metrics = 0, 0, deque(maxlen=10), {}
 
-    global_step, num_updates, next_eval, next_log, next_ckpt = 0, 0, args.eval_freq, args.log_freq, args.checkpoint_freq
-    recent_returns, metrics = deque(maxlen=10), {}
-    autoreset = np.zeros(args.num_envs, dtype=bool)  # Gymnasium 1.x: the step after a done is a reset, not a transition
+    # what a checkpoint holds: these objects' state_dicts, and `checkpoint()` below; save and resume both read it here
+    stateful = dict(denoiser=denoiser, denoiser_target=denoiser_target, qf=qf, qf_target=qf_target, q_opt=q_opt,
+                    actor_opt=actor_opt, actor_sched=actor_sched, rb=rb, rng=rng)
     if resume:
-        for obj, key in ((denoiser, "denoiser"), (denoiser_target, "denoiser_target"), (qf, "qf"),
-                         (qf_target, "qf_target"), (q_opt, "q_opt"), (actor_opt, "actor_opt"),
-                         (actor_sched, "actor_sched"), (rb, "rb")):
-            obj.load_state_dict(resume[key])
-        global_step, num_updates, next_eval, next_log, next_ckpt = resume["counters"]
+        for k, obj in stateful.items():
+            obj.load_state_dict(resume[k])
+        global_step, num_updates = resume["global_step"], resume["num_updates"]
         recent_returns.extend(resume["recent_returns"])
-        torch.set_rng_state(resume["torch_rng"])
-        if device.type == "cuda" and resume["cuda_rng"] is not None:
-            torch.cuda.set_rng_state(resume["cuda_rng"])
-        rng.bit_generator.state = resume["np_rng"]
     if resume and resume["envs"] is not None:  # the episodes in flight continue exactly
         envs.close()
-        envs = pickle.loads(resume["envs"])  # (pickle runs code: resume only from checkpoints you trust)
-        obs, autoreset = resume["obs"].numpy(), resume["autoreset"].numpy()
+        envs, obs = pickle.loads(resume["envs"]), resume["obs"].numpy()  # (pickle runs code: resume only your own files)
     else:  # a fresh run, or envs that cannot be saved (MuJoCo): new episodes, seeded by the step
         obs, _ = envs.reset(seed=args.seed + global_step)
+    if args.compile:  # compile now (≈20 s on CPU) rather than at the first update, then put every state back
+        saved = copy.deepcopy({k: obj.state_dict() for k, obj in stateful.items() if k != "rb"})
+        print("qsm.py: compiling the update and the sampler (--no-compile skips this)", file=sys.stderr)
+        update({k: torch.zeros(args.batch_size, *getattr(rb, k).shape[1:], device=device) for k in rb.FIELDS})
+        sample(denoiser_target, sched, torch.zeros(args.num_envs, obs_dim, device=device), act_dim)
+        for k, state in saved.items():
+            stateful[k].load_state_dict(state)
 
+    run_name = resume["run_name"] if resume else make_run_dir(
+        f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
     ckpt_path, last_ckpt = f"runs/{run_name}/checkpoint.pt", args.resume or "none yet"
+
+    def checkpoint() -> dict:
+        return {"args": vars(args), "dims": (obs_dim, act_dim), "run_name": run_name,
+                **{k: obj.state_dict() for k, obj in stateful.items()}, "global_step": global_step,
+                "num_updates": num_updates, "recent_returns": list(recent_returns), "obs": torch.from_numpy(obs),
+                "envs": env_state(envs)}
 
     def save(reason: str):
         nonlocal last_ckpt
         for name, net in (("denoiser", denoiser), ("qf", qf)):
             if not all(torch.isfinite(p).all() for p in net.parameters()):
-                abort(f"non-finite parameters in {name} at step {global_step}; last good checkpoint: {last_ckpt}")
-        save_checkpoint(ckpt_path, {
-            "args": vars(args), "run_name": run_name, "denoiser": denoiser.state_dict(), "qf": qf.state_dict(),
-            "denoiser_target": denoiser_target.state_dict(), "qf_target": qf_target.state_dict(),
-            "q_opt": q_opt.state_dict(), "actor_opt": actor_opt.state_dict(), "actor_sched": actor_sched.state_dict(),
-            "rb": rb.state_dict(), "envs": env_state(envs),
-            "obs": torch.from_numpy(obs), "autoreset": torch.from_numpy(autoreset),
-            "counters": (global_step, num_updates, next_eval, next_log, next_ckpt),
-            "recent_returns": list(recent_returns), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None, "np_rng": rng.bit_generator.state})
+                fail(f"non-finite parameters in {name} at step {global_step}; last good checkpoint: {last_ckpt}")
+        save_checkpoint(ckpt_path, checkpoint())
         last_ckpt = ckpt_path
         writer.add_text("checkpoints", f"{reason}: {ckpt_path}", global_step)
 
-    stop = []  # Ctrl-C / SIGTERM end the loop at the next step boundary, so that the checkpoint is consistent
+    def every(freq: int) -> bool:  # did this iteration's steps cross a multiple of freq?
+        return freq > 0 and global_step // freq != (global_step - args.num_envs) // freq
 
-    def on_signal(signum, frame):
-        stop.append(signum)
-        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C kills at once
+    if args.track:
+        import wandb
 
-    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
+    # on resume, purge_step drops what the interrupted run logged after its checkpoint, so the curve has no overlap
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step + 1 if resume else None)
+    if not resume:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    pbar = tqdm.tqdm(total=args.total_timesteps, initial=global_step, unit="step", dynamic_ncols=True)
+    start_step, start_time, stop.training = global_step, time.time(), True
+    try:
+        while global_step < args.total_timesteps and not stop:
+            # act: uniform random before learning starts, then DDPM sample + N(0, σ²) exploration noise
+            if global_step < args.learning_starts:
+                actions = rng.np.uniform(-1, 1, (args.num_envs, act_dim)).astype(np.float32)
+            else:
+                s = torch.as_tensor(obs, dtype=torch.float32, device=device)
+                a = sample(denoiser_target, sched, s, act_dim, args.ddpm_temperature, args.clip_sampler)
+                actions = (a + args.exploration_noise * torch.randn_like(a)).clamp(-1, 1).cpu().numpy()
+            check_finite("the policy", global_step + 1, last_ckpt, action=actions)
+            next_obs, rewards, terminations, truncations, infos = envs.step(to_env_action(actions, act_space))
+            real_next_obs = next_obs.copy()  # s' of an episode that ended is its final obs, not the next reset
+            for i in np.flatnonzero(infos.get("_final_obs", [])):
+                real_next_obs[i] = infos["final_obs"][i]
+            check_finite(args.env_id, global_step + 1, last_ckpt, reward=rewards, observation=real_next_obs,
+                         reset_observation=next_obs)
+            rb.add(obs, real_next_obs, actions, rewards, terminations)  # truncated is not terminated: it bootstraps
+            obs = next_obs
+            global_step += args.num_envs
+            pbar.update(args.num_envs)
+            for i in np.flatnonzero(infos.get("_episode", [])):
+                recent_returns.append(float(infos["episode"]["r"][i]))
+                writer.add_scalar("charts/episodic_return", infos["episode"]["r"][i], global_step)
+                writer.add_scalar("charts/episodic_length", infos["episode"]["l"][i], global_step)
 
-    def shutdown():
-        for s, h in handlers.items():
-            signal.signal(s, h)
+            # learn: UTD updates per env step, each a critic step, a QSM actor step and a Polyak step
+            if global_step > args.learning_starts:
+                for _ in range(args.utd_ratio * args.num_envs):
+                    metrics = update(rb.sample(args.batch_size, rng.np))
+                    actor_sched.step()
+                    num_updates += 1
+                    if not torch.isfinite(torch.stack(list(metrics.values()))).all():  # NaN/Inf guard: one host sync
+                        bad = ", ".join(f"{k} = {float(v)}" for k, v in metrics.items() if not math.isfinite(float(v)))
+                        fail(f"non-finite {bad} at step {global_step} (update {num_updates}); "
+                             f"last good checkpoint: {last_ckpt} (resume with --resume PATH)")
+
+            if every(args.log_freq) or global_step >= args.total_timesteps:  # and the last step: a run's end is logged
+                sps = int((global_step - start_step) / (time.time() - start_time))
+                writer.add_scalar("charts/SPS", sps, global_step)
+                for k, v in metrics.items():
+                    writer.add_scalar(k, float(v), global_step)
+                if metrics:
+                    writer.add_scalar("charts/actor_lr", actor_opt.param_groups[0]["lr"], global_step)
+                pbar.set_postfix(ret=f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a", sps=sps, refresh=False)
+            if every(args.eval_freq):
+                video = (f"videos/{run_name}", f"step{global_step}") if args.capture_video else None
+                returns = evaluate(denoiser_target, sched, args, device, stop, video)
+                if returns is not None:  # None: cut by a stop signal
+                    writer.add_scalar("eval/episodic_return", np.mean(returns), global_step)
+            if every(args.checkpoint_freq):
+                save("every --checkpoint-freq")
+
+        if stop:
+            sig = signal.Signals(stop.signum).name
+            save(sig)
+            print(f"\nqsm.py: stopped by {sig} at step {global_step}; checkpoint saved, continue with: "
+                  f"python qsm.py --resume {ckpt_path}", file=sys.stderr)
+            sys.exit(128 + stop.signum)  # the shell's code for "killed by this signal": the run did not finish
+        if args.save_model:
+            path = f"runs/{run_name}/qsm.pt"
+            save_checkpoint(path, {"args": vars(args), "dims": (obs_dim, act_dim), "qf": qf.state_dict(),
+                                   "denoiser": denoiser_target.state_dict()})  # the denoiser that acts
+            print(f"model saved to {path}; evaluate it with: python qsm.py --env-id {args.env_id} --checkpoint {path} --eval-only")
+    finally:
         pbar.close()
         envs.close()
         writer.close()  # flushes the event file
-
-    def abort(msg: str):
-        shutdown()
-        fail(msg)
-
-    start_step, start_time = global_step, time.time()
-    pbar = tqdm.tqdm(total=args.total_timesteps, initial=global_step, unit="step", dynamic_ncols=True)
-    while global_step < args.total_timesteps and not stop:
-        # act: uniform random before learning starts, then DDPM sample + N(0, σ²) exploration noise
-        if global_step < args.learning_starts:
-            actions = rng.uniform(-1, 1, (args.num_envs, act_dim)).astype(np.float32)
-        else:
-            s = torch.as_tensor(obs, dtype=torch.float32, device=device)
-            a = sample(denoiser_target, sched, s, act_dim, args.ddpm_temperature, args.clip_sampler)
-            actions = (a + args.exploration_noise * torch.randn_like(a)).clamp(-1, 1).cpu().numpy()
-        next_obs, rewards, terminations, truncations, infos = envs.step(to_env_action(actions, act_space))
-        rb.add(obs, next_obs, actions, rewards, terminations, keep=~autoreset)
-        autoreset = terminations | truncations
-        obs = next_obs
-        global_step += args.num_envs
-        pbar.update(args.num_envs)
-
-        if "episode" in infos:
-            for i in np.flatnonzero(infos["_episode"]):
-                r, l = float(infos["episode"]["r"][i]), int(infos["episode"]["l"][i])
-                recent_returns.append(r)
-                writer.add_scalar("charts/episodic_return", r, global_step)
-                writer.add_scalar("charts/episodic_length", l, global_step)
-
-        # learn: UTD updates per env step, each a critic step, a QSM actor step and a Polyak step
-        if global_step > args.learning_starts:
-            for _ in range(args.utd_ratio * args.num_envs):
-                metrics = update(rb.sample(args.batch_size, rng))
-                actor_sched.step()
-                num_updates += 1
-                if not torch.isfinite(torch.stack(list(metrics.values()))).all():  # NaN/Inf guard: one host sync
-                    bad = ", ".join(f"{k} = {float(v)}" for k, v in metrics.items() if not math.isfinite(float(v)))
-                    abort(f"non-finite {bad} at step {global_step} (update {num_updates}); "
-                          f"last good checkpoint: {last_ckpt} (resume with --resume PATH)")
-
-        if global_step >= next_log:
-            next_log += args.log_freq
-            sps = int((global_step - start_step) / (time.time() - start_time))
-            writer.add_scalar("charts/SPS", sps, global_step)
-            for k, v in metrics.items():
-                writer.add_scalar(k, float(v), global_step)
-            if metrics:
-                writer.add_scalar("charts/actor_lr", actor_opt.param_groups[0]["lr"], global_step)
-            ret = f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a"
-            pbar.set_postfix(ret=ret, sps=sps, refresh=False)
-
-        if args.eval_freq > 0 and global_step >= next_eval:
-            next_eval += args.eval_freq
-            video = (f"videos/{run_name}", f"step{global_step}") if args.capture_video else None
-            returns = evaluate(denoiser_target, sched, args, device, args.eval_episodes, video)
-            writer.add_scalar("eval/episodic_return", np.mean(returns), global_step)
-
-        if args.checkpoint_freq > 0 and global_step >= next_ckpt:
-            next_ckpt += args.checkpoint_freq
-            save("every --checkpoint-freq")
-
-    if stop:
-        sig = signal.Signals(stop[0]).name
-        save(sig)
-        shutdown()
-        print(f"qsm.py: stopped by {sig} at step {global_step}; checkpoint saved, continue with: "
-              f"python qsm.py --resume {ckpt_path}", file=sys.stderr)
-        sys.exit(128 + stop[0])  # the shell's code for "killed by this signal": schedulers see the run did not finish
-    if args.save_model:
-        path = f"runs/{run_name}/qsm.pt"
-        torch.save({"denoiser": denoiser_target.state_dict(), "qf": qf.state_dict(), "args": vars(args)}, path)
-        print(f"model saved to {path}; evaluate it with: python qsm.py --env-id {args.env_id} --checkpoint {path} --eval-only")
-    shutdown()
     return {"rb": rb, "denoiser": denoiser, "qf": qf, "run_dir": f"runs/{run_name}", "num_updates": num_updates,
             "global_step": global_step, "episodic_returns": list(recent_returns)}
 

@@ -1,6 +1,9 @@
 """Tests of qsm.py: the algorithm's pieces, the environment handling, the whole loop, and learning on Pendulum."""
 import copy
+import csv
 import glob
+import importlib.util
+import os
 import re
 import signal
 import subprocess
@@ -78,7 +81,7 @@ def test_shapes_and_dtypes():
 
     rb = qsm.ReplayBuffer(10, S, A, torch.device("cpu"))
     obs = np.random.randn(2, S)  # float64, as MuJoCo gives
-    rb.add(obs, obs + 1, np.zeros((2, A), np.float32), np.ones(2), np.array([False, True]), keep=np.array([1, 1], bool))
+    rb.add(obs, obs + 1, np.zeros((2, A), np.float32), np.ones(2), np.array([False, True]))
     batch = rb.sample(4, np.random.default_rng(0))
     assert rb.size == 2 and rb.obs.dtype == np.float32
     shapes = {k: tuple(v.shape) for k, v in batch.items()}
@@ -89,7 +92,7 @@ def test_shapes_and_dtypes():
 def test_replay_buffer_wraps_around():
     rb = qsm.ReplayBuffer(3, 1, 1, torch.device("cpu"))
     for i in range(5):
-        rb.add(np.array([[i]]), np.array([[i + 1]]), np.zeros((1, 1)), np.array([i]), np.array([False]), np.array([True]))
+        rb.add(np.array([[i]]), np.array([[i + 1]]), np.zeros((1, 1)), np.array([i]), np.array([False]))
     assert rb.size == 3 and sorted(rb.rewards.tolist()) == [2.0, 3.0, 4.0]
 
 
@@ -272,8 +275,8 @@ def test_vector_env_autoreset_truncation_and_action_bounds(tmp_path, monkeypatch
     rb = out["rb"]
     n = rb.size
     obs, nxt, act, term = rb.obs[:n], rb.next_obs[:n], rb.actions[:n], rb.terminated[:n]
-    assert n > 250  # ~400 steps, minus the autoreset steps
-    # no NEXT_STEP dummy: every stored transition advances the counter by exactly one (a dummy goes back to 0)
+    assert n == 400  # every env step is a transition: the budget counts transitions (no autoreset step in it)
+    # s' of an ended episode is its final obs, not the next reset: every transition advances the counter by one
     assert np.all(nxt[:, 0] == obs[:, 0] + 1)
     # terminated is stored exactly when the env terminated; truncations (counter 5, not terminated) are kept
     # with terminated = 0, so their targets bootstrap
@@ -310,43 +313,103 @@ def test_main_logs_saves_and_reloads(tmp_path, monkeypatch, capsys):
                            compile=False))
     assert len(ev["eval_returns"]) == 2 and all(-2000 < r <= 0 for r in ev["eval_returns"])
     assert "eval Pendulum-v1: return" in capsys.readouterr().out
-    # bad files: --resume of a weights-only file, a truncated checkpoint
-    with pytest.raises(SystemExit, match="holds only networks"):
-        qsm.main(qsm.Args(resume=ckpt))
+    # bad files: --resume of a weights-only file, a truncated or empty file, a file of another program
     Path("cut.pt").write_bytes(Path(ckpt).read_bytes()[:1000])
-    with pytest.raises(SystemExit, match="cannot read checkpoint 'cut.pt'"):
-        qsm.main(qsm.Args(resume="cut.pt"))
+    Path("empty.pt").write_bytes(b"")
+    torch.save({"policy": {"w": torch.zeros(3)}}, "foreign.pt")
+    for path, message in ((ckpt, "holds only networks (--save-model); --resume needs a runs/<run>/checkpoint.pt"),
+                          ("cut.pt", "cannot read checkpoint 'cut.pt': RuntimeError"),
+                          ("empty.pt", "cannot read checkpoint 'empty.pt': EOFError"),
+                          ("foreign.pt", "foreign.pt is not a checkpoint of this qsm.py")):
+        with pytest.raises(SystemExit) as e:
+            qsm.main(qsm.Args(resume=path))
+        assert str(e.value.code).startswith("qsm.py: error: ") and message in str(e.value.code), e.value.code
 
 
-# --- bad input --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags", [dict(eval_only=True), dict(total_timesteps=300, learning_starts=100)])
+def test_checkpoint_of_another_env_is_refused_in_one_line(flags, tmp_path, monkeypatch):
+    """Forgetting --env-id (so Walker2d-v4 is assumed) or naming another env: say what the checkpoint was made for."""
+    monkeypatch.chdir(tmp_path)
+    out = qsm.main(small_args(total_timesteps=150, learning_starts=100, save_model=True))
+    for env_id, dims in (("Walker2d-v4", "obs 17, act 6"), ("Hopper-v4", "obs 11, act 3")):
+        with pytest.raises(SystemExit) as e:
+            qsm.main(qsm.Args(env_id=env_id, checkpoint=f"{out['run_dir']}/qsm.pt", cuda=False, compile=False, **flags))
+        assert str(e.value.code) == (f"qsm.py: error: {out['run_dir']}/qsm.pt was made for Pendulum-v1 (obs 3, act 1), "
+                                     f"not {env_id} ({dims}); pass --env-id Pendulum-v1")
+    assert len(glob.glob("runs/*")) == 1  # nothing was made for the refused runs
+
+
+# --- bad input: one line `qsm.py: error: …`, exit status 1, before any run folder is made ---------------------------
+gym.register("Qsm2DAction-v0", entry_point=lambda: BadEnv(gym.spaces.Box(-1, 1, (3,)), gym.spaces.Box(-1, 1, (2, 2))))
+
+
 @pytest.mark.parametrize("kw, message", [
-    (dict(env_id="CartPole-v1"), "Discrete action space"),
+    (dict(env_id="CartPole-v1"), "CartPole-v1 has the action space Discrete(2); QSM needs a continuous 1-D Box"),
     (dict(env_id="QsmUnboundedAction-v0"), "unbounded action space"),
+    (dict(env_id="Qsm2DAction-v0"), "needs a continuous 1-D Box action space"),
     (dict(env_id="QsmImageObs-v0"), "flat (1-D) Box observation"),
     (dict(env_id="NoSuchEnv-v0"), "cannot make environment 'NoSuchEnv-v0'"),
+    (dict(env_id="Walker2d-v2"), "cannot make environment 'Walker2d-v2': ImportError: The mujoco v2 and v3"),
+    (dict(seed=-1), "--seed must be in [0, 2^31)"),
     (dict(diffusion_steps=0), "--diffusion-steps must be ≥ 1"),
     (dict(batch_size=512, buffer_size=256), "larger than --buffer-size"),
     (dict(learning_starts=300, total_timesteps=300), "no update would run"),
+    (dict(actor_lr=-3e-4), "learning rates must be > 0"),
+    (dict(critic_lr=0.0), "learning rates must be > 0"),
+    (dict(actor_lr_decay_steps=-1), "--actor-lr-decay-steps must be ≥ 0"),
+    (dict(actor_hidden_dims=()), "need at least one width"),
+    (dict(q_grad_scale=0.0), "--q-grad-scale must be > 0"),
+    (dict(eval_freq=100, eval_episodes=0), "--eval-episodes must be ≥ 1 when evaluating"),
+    (dict(eval_freq=-1), "--eval-freq and --checkpoint-freq must be ≥ 0"),
+    (dict(checkpoint_freq=-1), "--eval-freq and --checkpoint-freq must be ≥ 0"),
+    (dict(log_freq=0), "--log-freq ≥ 1"),
     (dict(eval_only=True), "--eval-only needs --checkpoint"),
-    (dict(checkpoint_freq=-1), "--checkpoint-freq must be ≥ 0"),
     (dict(resume="nowhere.pt"), "cannot read checkpoint 'nowhere.pt'"),
-    (dict(capture_video=True, env_id="QsmProbe-v0"), "--capture-video: cannot render QsmProbe-v0"),
+    (dict(capture_video=True, env_id="QsmProbe-v0"), "cannot make environment 'QsmProbe-v0' to render (--capture-video)"),
+    (dict(buffer_size=10**12, total_timesteps=10**12), "needs 33527.6 GiB, more than this machine has"),
 ])
 def test_bad_input_fails_before_training(kw, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MUJOCO_GL", raising=False)  # --capture-video sets it; undone after the test
     with pytest.raises(SystemExit) as e:
         qsm.main(small_args(**kw))
-    assert message in str(e.value.code) and str(e.value.code).startswith("qsm.py: error:")
+    msg = str(e.value.code)
+    assert message in msg and msg.startswith("qsm.py: error:") and "\n" not in msg, msg
     assert not (tmp_path / "runs").exists()
 
 
-def test_cartpole_cli_fails_fast():
-    p = subprocess.run([sys.executable, str(HERE / "qsm.py"), "--env-id", "CartPole-v1"], capture_output=True,
-                       text=True, timeout=120)
-    assert p.returncode != 0
-    assert "CartPole-v1 has a Discrete action space" in p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1 or "Warn" in p.stderr
+def test_track_without_wandb_fails_at_start(tmp_path, monkeypatch):
+    if importlib.util.find_spec("wandb"):
+        pytest.skip("wandb is installed here")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="--track needs wandb: pip install wandb"):
+        qsm.main(small_args(track=True))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unwritable_run_folder_fails_at_start(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("runs").write_text("a file where the runs folder should go")  # as a read-only directory would, mkdir fails
+    with pytest.raises(SystemExit) as e:
+        qsm.main(small_args())
+    assert str(e.value.code).startswith(f"qsm.py: error: cannot make a run folder in {tmp_path}/runs: FileExistsError")
+
+
+def stderr_lines(stderr: str) -> list[str]:
+    return [l for l in stderr.strip().splitlines() if "Warn" not in l and "logger." not in l]  # gymnasium's warnings
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--env-id", "CartPole-v1"], "qsm.py: error: CartPole-v1 has the action space Discrete(2)"),
+    (["--actor-hidden-dims"], "qsm.py: error: --actor-hidden-dims and --critic-hidden-dims need at least one width"),
+    (["--seed", "-1"], "qsm.py: error: --seed must be in [0, 2^31)"),
+])
+def test_cli_bad_input_is_one_line(flags, message, tmp_path):
+    p = subprocess.run([sys.executable, str(HERE / "qsm.py"), *flags], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)
+    assert p.returncode == 1 and stderr_lines(p.stderr) == [stderr_lines(p.stderr)[-1]], p.stderr
+    assert stderr_lines(p.stderr)[0].startswith(message), p.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 # --- learning ----------------------------------------------------------------------------------------------------
@@ -374,7 +437,7 @@ def keep_checkpoint_at(step: int, dest, monkeypatch):
 
     def spy(path, state):
         save(path, state)
-        if state["counters"][0] == step:
+        if state["global_step"] == step:
             save(str(dest), state)
 
     monkeypatch.setattr(qsm, "save_checkpoint", spy)
@@ -399,8 +462,8 @@ def test_resume_continues_the_run_exactly(actor_tau, tmp_path, monkeypatch, caps
     straight = qsm.main(small_args(total_timesteps=800, learning_starts=200, checkpoint_freq=200, actor_tau=actor_tau))
     before = {tag: scalars(straight["run_dir"], tag) for tag in ("charts/episodic_return", "losses/actor_loss")}
     ck = torch.load(tmp_path / "at400.pt", weights_only=True)
-    assert ck["envs"] is not None and ck["counters"][:2] == (400, 200)
-    assert ck["rb"]["size"] == 399  # step 201 was the autoreset after Pendulum's 200-step episode: not stored
+    assert ck["envs"] is not None and (ck["global_step"], ck["num_updates"]) == (400, 200)
+    assert ck["rb"]["size"] == 400  # one transition per step, the ends of Pendulum's 200-step episodes included
 
     resumed = qsm.main(qsm.Args(resume=str(tmp_path / "at400.pt"), total_timesteps=5))  # flags from the checkpoint
     assert "ignoring total_timesteps" in capsys.readouterr().err
@@ -417,7 +480,7 @@ def test_resume_mujoco_starts_new_episodes(tmp_path, monkeypatch):
     keep_checkpoint_at(300, tmp_path / "at300.pt", monkeypatch)
     straight = qsm.main(small_args(env_id="Hopper-v4", total_timesteps=600, learning_starts=200, checkpoint_freq=300))
     ck = torch.load(tmp_path / "at300.pt", weights_only=True)
-    assert ck["envs"] is None and ck["counters"][0] == 300
+    assert ck["envs"] is None and ck["global_step"] == 300
     resumed = qsm.main(qsm.Args(resume=str(tmp_path / "at300.pt")))
     assert resumed["global_step"] == 600 and resumed["num_updates"] == straight["num_updates"] == 400
     a, b, n = straight["rb"], resumed["rb"], ck["rb"]["size"]
@@ -427,8 +490,11 @@ def test_resume_mujoco_starts_new_episodes(tmp_path, monkeypatch):
     assert not np.array_equal(a.obs[n], b.obs[n])
 
 
-class NaNRewardEnv(ProbeEnv):
-    """The probe env, whose reward turns NaN after 250 steps (a bug in a user's reward function)."""
+class BrokenEnv(ProbeEnv):
+    """The probe env, whose reward (or observation) turns NaN (or infinite) after `broken_after` steps: a bug in a
+    user's env. A class attribute, so that a test can repair the env before resuming (it is not pickled)."""
+
+    broken_after, field = 250, "reward"
 
     def __init__(self):
         self.total = 0
@@ -436,54 +502,204 @@ class NaNRewardEnv(ProbeEnv):
     def step(self, action):
         self.total += 1
         obs, r, terminated, truncated, info = super().step(action)
-        return obs, float("nan") if self.total > 250 else r, terminated, truncated, info
+        if self.total > self.broken_after:
+            r, obs = (float("nan"), obs) if self.field == "reward" else (r, obs + np.array([0, 0, np.inf, 0]))
+        return obs, r, terminated, truncated, info
 
 
-gym.register("QsmNaNReward-v0", entry_point=NaNRewardEnv, max_episode_steps=5)
+gym.register("QsmBroken-v0", entry_point=BrokenEnv, max_episode_steps=5)
 
 
-@pytest.mark.parametrize("kw, loss", [
-    (dict(env_id="QsmNaNReward-v0"), "losses/qf1_loss = nan"),
-    (dict(actor_lr=1e30), "losses/actor_loss = "),
+@pytest.mark.parametrize("field", ["reward", "observation"])
+def test_non_finite_env_data_stops_before_the_replay_buffer(field, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(BrokenEnv, "field", field)
+    with pytest.raises(SystemExit) as e:
+        qsm.main(small_args(env_id="QsmBroken-v0", total_timesteps=600, learning_starts=100, checkpoint_freq=200))
+    path = glob.glob("runs/*/checkpoint.pt")[0]
+    assert str(e.value.code) == (f"qsm.py: error: non-finite {field} from QsmBroken-v0 at step 251; it was not "
+                                 f"stored; last good checkpoint: {path}")
+    ck = torch.load(path, weights_only=True)
+    assert ck["global_step"] == 200 and all(torch.isfinite(ck["rb"][k]).all() for k in qsm.ReplayBuffer.FIELDS)
+    monkeypatch.setattr(BrokenEnv, "broken_after", 10**9)  # the env repaired: the good checkpoint resumes to the end
+    out = qsm.main(qsm.Args(resume=path))
+    assert out["global_step"] == 600 and out["num_updates"] == 500 and np.isfinite(out["rb"].rewards).all()
+
+
+@pytest.mark.parametrize("kw, message", [  # the first update after learning_starts sends a network to NaN:
+    (dict(actor_lr=1e30), "non-finite action from the policy at step 202;"),  # stopped before the env gets it
+    (dict(critic_lr=1e30), "non-finite losses/actor_loss = nan"),  # its ∇ₐQ: stopped in the same update
 ])
-def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(kw, loss, tmp_path, monkeypatch):
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(kw, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
         qsm.main(small_args(**kw, total_timesteps=2000, learning_starts=200, checkpoint_freq=200))
     msg = str(e.value.code)
-    assert msg.startswith("qsm.py: error: non-finite") and loss in msg and "at step " in msg, msg
-    step = int(msg.split("at step ")[1].split()[0])
+    assert msg.startswith(f"qsm.py: error: {message}"), msg
+    step = int(re.search(r"at step (\d+)", msg).group(1))
     path = msg.split("last good checkpoint: ")[1].split()[0]
     ck = torch.load(path, weights_only=True)
-    assert step < 2000 and ck["counters"][0] == (step - 1) // 200 * 200 and ck["counters"][0] >= 200
+    assert step < 2000 and ck["global_step"] == (step - 1) // 200 * 200 and ck["global_step"] >= 200
     assert all(torch.isfinite(p).all() for net in ("denoiser", "qf") for p in ck[net].values())
     assert not glob.glob("runs/*/*.tmp")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_saves_a_checkpoint_and_flushes_the_log(sig, tmp_path):
-    cmd = [sys.executable, str(HERE / "qsm.py"), "--env-id", "Pendulum-v1", "--total-timesteps", "1000000",
-           "--learning-starts", "10", "--batch-size", "32", "--actor-hidden-dims", "32", "32", "--critic-hidden-dims",
-           "32", "32", "--no-compile", "--no-cuda", "--log-freq", "10"]
-    p = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    err = []  # stderr as it comes; tqdm's "N/1000000" says how far training is
-    reader = threading.Thread(target=lambda: err.extend(iter(lambda: p.stderr.read(64), "")), daemon=True)
-    reader.start()
-    deadline = time.time() + 120
-    while time.time() < deadline and max(map(int, re.findall(r"(\d+)/1000000", "".join(err))), default=0) < 60:
-        time.sleep(0.2)
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    real_save, calls = torch.save, []
+
+    def full_disk(obj, path):  # the second checkpoint hits a full disk after writing part of the file
+        calls.append(path)
+        if len(calls) == 2:
+            Path(path).write_bytes(b"PK partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                               "data/3: file write failed")
+        real_save(obj, path)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit) as e:
+        qsm.main(small_args(total_timesteps=600, learning_starts=100, checkpoint_freq=200))
+    path = glob.glob("runs/*/checkpoint.pt")[0]
+    assert str(e.value.code) == (f"qsm.py: error: cannot write {path}: RuntimeError: [enforce fail at "
+                                 f"inline_container.cc:672] . PytorchStreamWriter failed writing file data/3: file "
+                                 f"write failed; the previous checkpoint, if any, is unchanged")
+    assert not glob.glob("runs/*/*.tmp") and torch.load(path, weights_only=True)["global_step"] == 200
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    """A sweep launcher starts two runs of one env and seed at once: neither may overwrite the other."""
+    monkeypatch.chdir(tmp_path)
+    clock = iter(np.arange(1_700_000_000, 1_700_000_001, 1e-6))  # a clock that stays within one second
+    monkeypatch.setattr(qsm.time, "time", lambda: next(clock))
+    runs = [qsm.main(small_args(total_timesteps=150, learning_starts=100, checkpoint_freq=150, seed=1))
+            for _ in range(2)]
+    assert [r["run_dir"] for r in runs] == ["runs/Pendulum-v1__qsm__1__1700000000",
+                                            "runs/Pendulum-v1__qsm__1__1700000000_2"]
+    for r in runs:  # each folder: one TensorBoard file and its own checkpoint
+        assert len(glob.glob(f"{r['run_dir']}/events.*")) == 1
+        assert torch.load(f"{r['run_dir']}/checkpoint.pt", weights_only=True)["run_name"] == r["run_dir"][5:]
+    names = set()  # and concurrently: of 8 threads asking for one name, each gets its own folder
+    threads = [threading.Thread(target=lambda: names.add(qsm.make_run_dir("same"))) for _ in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert len(names) == 8 and len(glob.glob("runs/same*")) == 8
+
+
+class EndlessEnv(gym.Env):
+    """An env whose constructor takes no render_mode and whose episodes never end (no time limit registered)."""
+
+    observation_space = gym.spaces.Box(-1, 1, (2,))
+    action_space = gym.spaces.Box(-1, 1, (1,))
+
+    def __init__(self):
+        pass
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        return np.clip(np.array([action[0], 0.5], np.float32), -1, 1), -float(action[0] ** 2), False, False, {}
+
+
+gym.register("QsmEndless-v0", entry_point=EndlessEnv)
+
+
+def test_env_without_render_mode_or_time_limit_trains_and_evaluates(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = qsm.main(small_args(env_id="QsmEndless-v0", total_timesteps=1100, learning_starts=100, eval_freq=1100,
+                              eval_episodes=2))
+    assert scalars(out["run_dir"], "charts/episodic_length") == [(1000, qsm.TIME_LIMIT)]  # truncated at TIME_LIMIT
+    (step, ret), = scalars(out["run_dir"], "eval/episodic_return")
+    assert step == 1100 and -qsm.TIME_LIMIT <= ret <= 0  # evaluation episodes end too (reward ≥ -1 per step)
+    assert out["rb"].terminated.sum() == 0  # truncation: the critic target bootstraps
+
+
+SLOW_ENV = """
+import time, gymnasium as gym, numpy as np
+
+class SlowEndless(gym.Env):
+    observation_space, action_space = gym.spaces.Box(-1, 1, (2,)), gym.spaces.Box(-1, 1, (1,))
+
+    def reset(self, *, seed=None, options=None):
+        if seed is not None and seed >= 10_000:  # evaluation episodes are seeded from seed + 10,000: say it began
+            open("evaluating", "w").close()
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        time.sleep(0.002)
+        return np.zeros(2, np.float32), 0.0, False, False, {}
+
+gym.register("SlowEndless-v0", entry_point=SlowEndless)
+"""
+
+
+def start_run(tmp_path, *flags, compile=False) -> tuple[subprocess.Popen, list[str]]:
+    """qsm.py in a subprocess, with a thread collecting its stderr as it comes."""
+    cmd = [sys.executable, str(HERE / "qsm.py"), "--total-timesteps", "1000000", "--learning-starts", "10",
+           "--batch-size", "32", "--actor-hidden-dims", "32", "32", "--critic-hidden-dims", "32", "32", "--no-cuda",
+           "--log-freq", "10", "--compile" if compile else "--no-compile", *flags]
+    (tmp_path / "slow_env.py").write_text(SLOW_ENV)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), OMP_NUM_THREADS="1")
+    p = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    err = []
+    threading.Thread(target=lambda: err.extend(iter(lambda: p.stderr.read(64), "")), daemon=True).start()
+    return p, err
+
+
+def wait_for(condition, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and not condition():
+        time.sleep(0.1)
+    assert condition(), "timed out"
+
+
+def stop_and_time(p, sig) -> float:
+    t = time.time()
     p.send_signal(sig)
     p.wait(timeout=60)
-    reader.join(timeout=10)
+    return time.time() - t
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_signal_saves_a_checkpoint_and_flushes_the_log(sig, tmp_path):
+    p, err = start_run(tmp_path, "--env-id", "Pendulum-v1")
+    wait_for(lambda: max(map(int, re.findall(r"(\d+)/1000000", "".join(err))), default=0) >= 60)  # tqdm's N/1000000
+    assert stop_and_time(p, sig) < 10
+    time.sleep(0.5)
     err = "".join(err)
     assert p.returncode == 128 + sig, err[-2000:]
-    assert f"stopped by {sig.name} at step" in err
+    if sig != signal.SIGHUP:  # after SIGHUP (the terminal is gone) the run writes to /dev/null
+        assert f"qsm.py: {sig.name}: saving a checkpoint at the end of this step, then exiting; a second" in err
+        assert f"stopped by {sig.name} at step" in err
     run_dir = glob.glob(str(tmp_path / "runs/*"))[0]
     ck = torch.load(f"{run_dir}/checkpoint.pt", weights_only=True)
-    step = ck["counters"][0]
-    assert step >= 60 and ck["counters"][1] == step - 10, step  # mid-training, an update per step after learning_starts
+    step = ck["global_step"]
+    assert step >= 60 and ck["num_updates"] == step - 10, step  # mid-training, an update per step after learning_starts
     logged = [s for s, _ in scalars(run_dir, "losses/qf1_loss")]
     assert logged[0] == 20 and step - 10 < logged[-1] <= step, (step, logged)  # the writer was flushed up to the stop
+
+
+def test_signal_during_evaluation_stops_it_within_seconds(tmp_path):
+    """Five 1000-step evaluation episodes of an env with no time limit take ≥ 10 s: a SIGTERM must not wait."""
+    p, err = start_run(tmp_path, "--env-id", "slow_env:SlowEndless-v0", "--eval-freq", "50", "--eval-episodes", "5")
+    wait_for(lambda: (tmp_path / "evaluating").exists())
+    time.sleep(0.5)
+    assert stop_and_time(p, signal.SIGTERM) < 5 and p.returncode == 128 + signal.SIGTERM, "".join(err)[-2000:]
+    run_dir = glob.glob(str(tmp_path / "runs/*"))[0]
+    ck = torch.load(f"{run_dir}/checkpoint.pt", weights_only=True)
+    assert ck["global_step"] == 50 and ck["num_updates"] == 40  # saved at the step the evaluation began
+    assert "eval/episodic_return" not in EventAccumulator(run_dir).Reload().Tags()["scalars"]  # a cut one: not logged
+
+
+def test_signal_during_compile_warm_up_exits_within_seconds(tmp_path):
+    p, err = start_run(tmp_path, "--env-id", "Pendulum-v1", compile=True)
+    wait_for(lambda: "compiling" in "".join(err))
+    time.sleep(2)  # inside inductor's compilation (≈20 s)
+    assert stop_and_time(p, signal.SIGTERM) < 5, "".join(err)[-2000:]
+    assert p.returncode == 128 + signal.SIGTERM
+    assert "qsm.py: SIGTERM before training began: exiting, nothing to save" in "".join(err)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_capture_video(tmp_path):
@@ -503,3 +719,38 @@ def test_capture_video(tmp_path):
     clip = VideoFileClip(videos[0])
     assert clip.duration > 0 and clip.get_frame(0).shape == (480, 480, 3) and clip.get_frame(0).std() > 0
     clip.close()
+
+
+# --- benchmarks: every script runs on a tiny setting, so that a change of qsm.py breaks a test, not a benchmark ---
+TINY = "--learning-starts 100 --batch-size 32 --actor-hidden-dims 32 32 --critic-hidden-dims 32 32 --no-compile"
+
+
+def bench(script: str, *args: str) -> str:
+    p = subprocess.run([sys.executable, str(HERE / "benchmarks" / script), *args], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+def test_benchmark_learning_runs_skips_finished_runs_and_plots(tmp_path):
+    flags = ["--envs", "Pendulum-v1", "--seeds", "1", "--steps", "400", "--jobs", "1", "--checkpoint-freq", "200",
+             "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs"),
+             "--picture", str(tmp_path / "curves.png"), "--reference-dir", str(tmp_path), "--extra", TINY]
+    assert "done qsm_Pendulum-v1_seed1.csv" in bench("learning.py", *flags)
+    rows = list(csv.DictReader(open(tmp_path / "results" / "qsm_Pendulum-v1_seed1.csv")))
+    assert [(r["env"], int(r["step"])) for r in rows] == [("Pendulum-v1", 200), ("Pendulum-v1", 400)]  # 200-step episodes
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    assert "skip qsm_Pendulum-v1_seed1.csv (done)" in bench("learning.py", *flags)
+
+
+def test_benchmark_memory_samples_a_run(tmp_path):
+    out = bench("memory.py", "--out", str(tmp_path / "memory.csv"), "--runs", str(tmp_path), "--", "--env-id",
+                "Pendulum-v1", "--total-timesteps", "2000", *TINY.split())
+    training = [float(r["rss_mb"]) for r in csv.DictReader(open(tmp_path / "memory.csv")) if int(r["step"]) > 0]
+    assert "(exit 0," in out and len(training) >= 2 and all(100 < mb < 5000 for mb in training), out
+
+
+def test_benchmark_speed_times_the_update(tmp_path):
+    out = bench("speed.py", "--widths", "32", "--rounds", "1", "--per-round", "3", "--eager-only")
+    row = next(line.split() for line in out.splitlines() if line.strip().startswith("32 "))
+    assert float(row[3]) > 0 and "Acting: one DDPM sample" in out  # eager ms per update

@@ -25,8 +25,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-RUNS = ROOT / "benchmarks" / ".runs"  # TensorBoard logs of the benchmark runs (not committed)
 
 
 def events(run_dir: str, tag: str):
@@ -37,12 +35,12 @@ def events(run_dir: str, tag: str):
 
 
 def run_dirs(env, seed, o, finished=False) -> list[str]:
-    dirs = sorted(glob.glob(str(RUNS / "runs" / f"{env}__{o.tag}__{seed}__*")))
+    dirs = sorted(glob.glob(str(Path(o.runs) / "runs" / f"{env.replace('/', '-')}__{o.tag}__{seed}__*")))
     return [d for d in dirs if max((e.step for e in events(d, "charts/SPS")), default=0) >= o.steps] if finished else dirs
 
 
 def run_one(env, seed, o) -> str:
-    out = RESULTS / f"{o.tag}_{env}_seed{seed}.csv"
+    out = Path(o.results) / f"{o.tag}_{env.replace('/', '-')}_seed{seed}.csv"
     if out.exists():
         return f"skip {out.name} (done)"
     finished = run_dirs(env, seed, o, finished=True)
@@ -51,12 +49,12 @@ def run_one(env, seed, o) -> str:
         cmd = [sys.executable, o.qsm, *(["--resume", ckpts[-1]] if ckpts else [
             "--env-id", env, "--seed", str(seed), "--total-timesteps", str(o.steps), "--exp-name", o.tag,
             "--checkpoint-freq", str(o.checkpoint_freq), *o.extra.split()])]
-        log = RUNS / f"{o.tag}_{env}_seed{seed}.log"
+        log = Path(o.runs) / f"{o.tag}_{env.replace('/', '-')}_seed{seed}.log"
         env_vars = dict(os.environ, OMP_NUM_THREADS=str(o.threads), MKL_NUM_THREADS=str(o.threads))
         with open(log, "a") as f:
             f.write(" ".join(cmd) + "\n")
             f.flush()
-            rc = subprocess.run(cmd, cwd=RUNS, env=env_vars, stdout=f, stderr=subprocess.STDOUT).returncode
+            rc = subprocess.run(cmd, cwd=o.runs, env=env_vars, stdout=f, stderr=subprocess.STDOUT).returncode
         finished = run_dirs(env, seed, o, finished=True)
         if rc != 0 or not finished:
             return f"FAILED {env} seed {seed} (rc {rc}), see {log}; re-run to continue from its checkpoint"
@@ -96,7 +94,7 @@ def summarize(o):
     rows = ["| env | budget | QSM (ours) | SAC (CleanRL) | QSM / SAC |", "|---|---|---|---|---|"]
     for ax, env in zip(axes[0], o.envs):
         qsm_label = "QSM (qsm.py defaults)" if o.tag == "qsm" else f"QSM ({o.tag})"
-        algos = {qsm_label: load(str(RESULTS / f"{o.tag}_{env}_seed*.csv")),
+        algos = {qsm_label: load(str(Path(o.results) / f"{o.tag}_{env.replace('/', '-')}_seed*.csv")),
                  "SAC (CleanRL reference)": load(str(Path(o.reference_dir) / f"sac_{env}_seed*.csv"))}
         scores = {}
         for (name, curves), color in zip(algos.items(), ("tab:red", "tab:blue")):
@@ -120,7 +118,8 @@ def summarize(o):
                             f"{np.mean(s[b]):.0f} ± {np.std(s[b]):.0f} (n={len(s[b])}) | {ratio:.2f} |")
     fig.suptitle(f"QSM (qsm.py) vs SAC (CleanRL), mean ± std over seeds, {o.threads} torch thread per run")
     fig.tight_layout()
-    fig.savefig(ROOT / "benchmarks" / ("learning_curves.png" if o.tag == "qsm" else f"{o.tag}_curves.png"), dpi=110)
+    fig.savefig(o.picture or ROOT / "benchmarks" / ("learning_curves.png" if o.tag == "qsm" else f"{o.tag}_curves.png"),
+                dpi=110)
     print("\n".join(rows))
 
 
@@ -136,11 +135,14 @@ def main():
     p.add_argument("--qsm", default=str(ROOT / "qsm.py"), help="the script to run (e.g. a frozen copy)")
     p.add_argument("--checkpoint-freq", type=int, default=5_000, help="qsm.py --checkpoint-freq of new runs")
     p.add_argument("--reference-dir", default=str(ROOT.parent / "shared" / "reference"))
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="folder of the CSVs")
+    p.add_argument("--runs", default=str(ROOT / "benchmarks" / ".runs"), help="folder of the runs' logs (not committed)")
+    p.add_argument("--picture", default=None, help="the PNG to draw (default: benchmarks/learning_curves.png)")
     p.add_argument("--plot-only", action="store_true")
     p.add_argument("--no-plot", action="store_true", help="only run (e.g. for a sweep under another --tag)")
     o = p.parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    RUNS.mkdir(parents=True, exist_ok=True)
+    Path(o.results).mkdir(parents=True, exist_ok=True)
+    Path(o.runs).mkdir(parents=True, exist_ok=True)
     if not o.plot_only:
         jobs = [(env, seed) for seed in o.seeds for env in o.envs]
         with ThreadPoolExecutor(o.jobs) as pool:

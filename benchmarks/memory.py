@@ -1,10 +1,11 @@
 """Resident memory of one qsm.py run over its steps: does it stay flat once the replay buffer is allocated?
 
-    python benchmarks/memory.py -- --env-id Walker2d-v4 --total-timesteps 50000 --learning-starts 5000
+    python benchmarks/memory.py [--out CSV] -- --env-id Walker2d-v4 --total-timesteps 50000 --learning-starts 5000
 
 Starts `python qsm.py <flags after -->` with one torch thread, reads its VmRSS from /proc every second and its step
 from the progress bar, writes benchmarks/results/memory.csv (seconds, step, rss_mb) and prints a summary.
 """
+import argparse
 import csv
 import os
 import re
@@ -23,9 +24,13 @@ def rss_mb(pid: int) -> float:
 
 
 def main():
-    flags = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else []
+    cut = sys.argv.index("--") if "--" in sys.argv else len(sys.argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "memory.csv", help="the CSV to write")
+    p.add_argument("--runs", type=Path, default=ROOT / "benchmarks" / ".runs", help="where qsm.py runs (its runs/)")
+    o, flags = p.parse_args(sys.argv[1:cut]), sys.argv[cut + 1:]
+    out, run_dir = o.out, o.runs
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    run_dir = ROOT / "benchmarks" / ".runs"
     run_dir.mkdir(parents=True, exist_ok=True)
     p = subprocess.Popen([sys.executable, str(ROOT / "qsm.py"), "--exp-name", "memory", *flags], cwd=run_dir, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -40,7 +45,6 @@ def main():
             break
         time.sleep(1)
     p.wait()
-    out = ROOT / "benchmarks" / "results" / "memory.csv"
     with open(out, "w", newline="") as f:
         csv.writer(f).writerows([("seconds", "step", "rss_mb"), *rows])
     total = max(r[1] for r in rows)

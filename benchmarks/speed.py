@@ -72,7 +72,7 @@ def build(width, compile, device, seed=0):
     qf_t = copy.deepcopy(qf)
     q_opt = torch.optim.Adam(qf.parameters(), lr=args.critic_lr, fused=True)
     a_opt = torch.optim.Adam(den.parameters(), lr=args.actor_lr, fused=True)
-    update = qsm.make_update(den, qf, qf_t, q_opt, a_opt, sched, args)
+    update = qsm.make_update(den, den, qf, qf_t, q_opt, a_opt, sched, args)  # den twice: no target denoiser
     sample = torch.compile(qsm.ddpm_sample) if compile else qsm.ddpm_sample
     return update, lambda s: sample(den, sched, s, ACT), den, sched
 
@@ -83,7 +83,10 @@ def main():
     p.add_argument("--per-round", type=int, default=25, help="timed updates per round")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--cuda", action="store_true")
+    p.add_argument("--widths", nargs="+", type=int, default=[512, 256], help="hidden widths to time")
+    p.add_argument("--eager-only", action="store_true", help="skip the compiled path (a quick check that it runs)")
     o = p.parse_args()
+    modes = (False,) if o.eager_only else (False, True)
     if o.threads:
         torch.set_num_threads(o.threads)
     device = torch.device("cuda" if o.cuda and torch.cuda.is_available() else "cpu")
@@ -98,13 +101,13 @@ def main():
     peak = max(matmul_gflops(device), matmul_gflops(device, 1024, 1024, 1024, 20))
     print(f"fp32 matmul throughput: {peak:.1f} GFLOP/s (best of 256x512x512 and 1024^3)")
     rows = []
-    for width in (512, 256):
+    for width in o.widths:
         update, _, _, _ = build(width, False, device)
         with MatmulFlops() as fc:
             update(batch)
         floor_ms = fc.flops / peak / 1e6
         fns = {}
-        for compile in (False, True):
+        for compile in modes:
             update, _, _, _ = build(width, compile, device)
             t0 = time.perf_counter()
             for _ in range(5):  # warm-up (compilation for the compiled path)
@@ -115,9 +118,9 @@ def main():
                 print(f"width {width}: compile + warm-up {time.perf_counter() - t0:.1f} s")
         times = {False: [], True: []}
         for _ in range(o.rounds):
-            for compile in (False, True):
+            for compile in modes:
                 times[compile] += timed(lambda: fns[compile](batch), device, o.per_round)
-        eager, comp = (statistics.median(times[c]) * 1e3 for c in (False, True))
+        eager, comp = (statistics.median(times[c and not o.eager_only]) * 1e3 for c in (False, True))
         rows.append((width, fc.flops / 1e9, floor_ms, eager, comp))
 
     print("\nQSM update (critic step + QSM actor step + Polyak), Walker2d-v4 dims, batch 256, T=5; median ms/update")
@@ -127,11 +130,11 @@ def main():
         print(f"{width:>5} {gflop:>7.3f} {floor_ms:>9.2f} {eager:>9.2f} {floor_ms / eager:>9.0%} {comp:>12.2f} "
               f"{floor_ms / comp:>9.0%} {eager / comp:>7.2f}x")
 
-    print("\nActing: one DDPM sample (T=5 denoiser passes) at batch 1, width 512; median ms")
+    print(f"\nActing: one DDPM sample (T=5 denoiser passes) at batch 1, width {o.widths[0]}; median ms")
     s1 = torch.randn(1, OBS, device=device)
     res = {}
     for compile in (False, True):
-        _, act, _, _ = build(512, compile, device)
+        _, act, _, _ = build(o.widths[0], compile and not o.eager_only, device)
         for _ in range(5):
             act(s1)
         res[compile] = statistics.median(timed(lambda: act(s1), device, 300)) * 1e3
