@@ -53,18 +53,19 @@ class Args:
     eval_only: bool = False
     """with --checkpoint: evaluate the loaded policy for --eval-episodes episodes and exit"""
     checkpoint_freq: int = 100_000
-    """every this many env steps, and on Ctrl-C/SIGTERM, save all a resumed run needs (networks, optimizers, replay
-    buffer, RNG states, step) to `runs/{run_name}/checkpoint.pt` (0 = only on Ctrl-C/SIGTERM)"""
+    """every this many env steps, and on Ctrl-C/SIGTERM/SIGHUP, save all a resumed run needs (networks, optimizers,
+    replay buffer, RNG states, step) to `runs/{run_name}/checkpoint.pt` (0 = only on a signal)"""
     resume: Optional[str] = None
     """continue the run saved in this checkpoint.pt: its flags (other flags are ignored), step and TensorBoard curve"""
     capture_video: bool = False
-    """record the first episode of every evaluation to `videos/{run_name}/` (needs moviepy; headless MuJoCo uses
+    """record the first episode of every evaluation to `videos/{run_name}/` (with moviepy; headless MuJoCo uses
     MUJOCO_GL=egl, see README)"""
 
     env_id: str = "Walker2d-v4"
-    """the Gymnasium environment id (Box action space, flat Box observations)"""
+    """the Gymnasium environment id (Box action space, flat Box observations); an env registered without a time
+    limit gets one of 1000 steps"""
     total_timesteps: int = 1_000_000
-    """total environment steps, summed over all --num-envs copies"""
+    """total environment steps, i.e. transitions, summed over all --num-envs copies"""
     num_envs: int = 1
     """number of environment copies stepped together (gym.vector.SyncVectorEnv)"""
     buffer_size: int = 1_000_000
@@ -576,10 +577,12 @@ def make_run_dir(run_name: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 def main(args: Args):
     with Stop() as stop:
-        return train(args, stop)
+        return train(*prepare(args), stop)
 
 
-def train(args: Args, stop: Stop):
+def prepare(args: Args):
+    """The flags (from the checkpoint with --resume), the env and the checkpoints, all checked before anything runs.
+    Returns (args, the checkpoint to resume or None, the checkpoint to load networks from or None, obs size, act size)."""
     resume = load_checkpoint(args.resume, training=True) if args.resume else None
     if resume:  # a resumed run continues with the flags it was started with
         ignored = [k for k, v in vars(args).items() if k != "resume" and v != getattr(Args, k)]
@@ -595,7 +598,10 @@ def train(args: Args, stop: Stop):
     if ckpt:  # the architecture comes from the checkpoint
         for k in ("actor_hidden_dims", "critic_hidden_dims", "time_dim", "diffusion_steps", "beta_schedule"):
             setattr(args, k, ckpt["args"][k])
+    return args, resume, ckpt, obs_dim, act_dim
 
+
+def train(args: Args, resume: Optional[dict], ckpt: Optional[dict], obs_dim: int, act_dim: int, stop: Stop):
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
