@@ -62,8 +62,8 @@ class Args:
     MUJOCO_GL=egl, see README)"""
 
     env_id: str = "Walker2d-v4"
-    """the Gymnasium environment id (Box action space, flat Box observations); an env registered without a time
-    limit gets one of 1000 steps"""
+    """the Gymnasium environment id (Box action space, flat Box or Dict observations), DeepMind Control's as
+    `dm_control/walker-walk-v0`; an env registered without a time limit gets one of 1000 steps"""
     total_timesteps: int = 1_000_000
     """total environment steps, i.e. transitions, summed over all --num-envs copies"""
     num_envs: int = 1
@@ -391,12 +391,20 @@ TIME_LIMIT = 1000  # steps per episode for envs registered without one (MuJoCo's
 
 
 def make_env(env_id: str, render: bool = False) -> gym.Env:
-    """The one place envs are made (training, evaluation, checks). Every episode ends: an env registered without a
-    time limit gets TIME_LIMIT steps (truncation, so the critic target still bootstraps)."""
+    """The one place envs are made (training, evaluation, checks). DeepMind Control's dict observations are
+    flattened. Every episode ends: an env registered without a time limit gets TIME_LIMIT steps (a truncation, so
+    the critic target still bootstraps)."""
     try:
+        if env_id.startswith("dm_control/"):  # DeepMind Control through shimmy, whose import registers its envs and
+            os.environ.setdefault("MUJOCO_GL", "off")  # imports dm_control, which picks its renderer then: none, unless
+            import shimmy  # check_env has chosen one for --capture-video
+
+            gym.register_envs(shimmy)
         env = gym.make(env_id, **({"render_mode": "rgb_array"} if render else {}))
     except Exception as e:
         fail(f"cannot make environment {env_id!r}{' to render (--capture-video)' * render}: {first_line(e)}")
+    if isinstance(env.observation_space, gym.spaces.Dict):
+        env = gym.wrappers.FlattenObservation(env)
     return env if env.spec.max_episode_steps else gym.wrappers.TimeLimit(env, TIME_LIMIT)
 
 

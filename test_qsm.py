@@ -732,15 +732,81 @@ def bench(script: str, *args: str) -> str:
     return p.stdout
 
 
-def test_benchmark_learning_runs_skips_finished_runs_and_plots(tmp_path):
-    flags = ["--envs", "Pendulum-v1", "--seeds", "1", "--steps", "400", "--jobs", "1", "--checkpoint-freq", "200",
-             "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs"),
-             "--picture", str(tmp_path / "curves.png"), "--reference-dir", str(tmp_path), "--extra", TINY]
-    assert "done qsm_Pendulum-v1_seed1.csv" in bench("learning.py", *flags)
-    rows = list(csv.DictReader(open(tmp_path / "results" / "qsm_Pendulum-v1_seed1.csv")))
-    assert [(r["env"], int(r["step"])) for r in rows] == [("Pendulum-v1", 200), ("Pendulum-v1", 400)]  # 200-step episodes
+def grid_flags(tmp_path, *algos, steps=400) -> list[str]:
+    return ["--envs", "Pendulum-v1", "--algos", *algos, "--seeds", "1", "--steps", str(steps), "--jobs", "2",
+            "--checkpoint-freq", "200", "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs"),
+            "--picture", str(tmp_path / "curves.png"), "--reference-dir", "", "--extra", TINY,
+            "--baseline-extra", "--learning-starts 100"]
+
+
+def test_benchmark_grid_runs_every_algorithm_skips_finished_runs_and_plots(tmp_path):
+    out = bench("learning.py", *grid_flags(tmp_path, "qsm", "sac", "td3"))
+    for algo in ("qsm", "sac", "td3"):  # one CSV per run, in one format: Pendulum's episodes end every 200 transitions
+        assert f"done {algo}_Pendulum-v1_seed1.csv" in out
+        rows = list(csv.DictReader(open(tmp_path / "results" / f"{algo}_Pendulum-v1_seed1.csv")))
+        assert [(r["env"], r["seed"], int(r["step"])) for r in rows] == [("Pendulum-v1", "1", 200), ("Pendulum-v1", "1", 400)]
+    assert "| env | budget | qsm | sac | td3 | QSM / SAC | QSM / TD3 |" in out
     assert (tmp_path / "curves.png").stat().st_size > 10_000
-    assert "skip qsm_Pendulum-v1_seed1.csv (done)" in bench("learning.py", *flags)
+    again = bench("learning.py", *grid_flags(tmp_path, "qsm", "sac", "td3"))
+    assert all(f"skip {a}_Pendulum-v1_seed1.csv (done)" in again for a in ("qsm", "sac", "td3"))
+
+
+def load_benchmark_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, HERE / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("algo", ["qsm", "sac"])
+def test_benchmark_grid_submitit_job_requeued_after_preemption_continues_its_run(algo, tmp_path, monkeypatch):
+    """submitit's local executor stands in for Slurm: the job is preempted (SIGUSR2) mid-run; it must stop the run
+    (which saves), requeue itself, and the requeued job must continue from that checkpoint, not start over."""
+    import submitit
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    learning = load_benchmark_module("learning")
+    o = learning.options(grid_flags(tmp_path, algo, steps=3000)[:-2] + ["--baseline-extra", "--learning-starts 2000"])
+    executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="local")
+    executor.update_parameters(timeout_min=10)
+    job = executor.submit(learning.Job(algo, "Pendulum-v1", 1, o))
+    log = tmp_path / "runs" / f"{algo}_Pendulum-v1_seed1.log"
+    saved = lambda: glob.glob(str(tmp_path / "runs" / ("runs/*/checkpoint.pt" if algo == "qsm" else "sac_*/model.zip")))
+    wait_for(saved)  # the first checkpoint (step 200)
+    time.sleep(1)
+    # what Slurm sends before preempting a job, to the job's own process (a child of submitit's local controller)
+    os.kill(int(Path(f"/proc/{job._process.pid}/task/{job._process.pid}/children").read_text().split()[0]),
+            signal.SIGUSR2)
+    assert job.result() == f"done {algo}_Pendulum-v1_seed1.csv"
+    commands = [l for l in log.read_text().splitlines() if l.startswith(sys.executable)]
+    assert len(commands) == 2, log.read_text()[-3000:]  # started, then continued: never started over
+    if algo == "qsm":
+        assert "--resume" in commands[1]
+        assert len(glob.glob(str(tmp_path / "runs" / "runs" / "*"))) == 1
+    else:
+        assert "resuming sac Pendulum-v1 seed 1 at step " in log.read_text()
+    steps = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "results" / f"{algo}_Pendulum-v1_seed1.csv"))]
+    assert 3000 - 200 < steps[-1] <= 3000 and steps == sorted(steps)  # to the budget (resumes cut an episode)
+
+
+def test_dm_control_task_end_to_end(tmp_path, monkeypatch):
+    """DeepMind Control through shimmy: dict observations flattened, 1000-step episodes that end by truncation only
+    (so every target bootstraps), updates, evaluation, checkpoint and resume."""
+    monkeypatch.chdir(tmp_path)
+    keep_checkpoint_at(1050, tmp_path / "at1050.pt", monkeypatch)
+    out = qsm.main(small_args(env_id="dm_control/walker-walk-v0", total_timesteps=1100, learning_starts=1000,
+                              eval_freq=1100, eval_episodes=1, checkpoint_freq=1050))
+    rb = out["rb"]
+    assert rb.obs.shape[1] == 24 and out["num_updates"] == 100 and rb.size == 1100
+    assert rb.terminated.sum() == 0 and np.isfinite(rb.obs).all()  # truncation only: y = r + γ·min Q̄(s', a')
+    assert out["run_dir"].startswith("runs/dm_control-walker-walk-v0__qsm__1__")  # the / in the id nests nothing
+    assert scalars(out["run_dir"], "charts/episodic_length") == [(1000, 1000)]
+    ret = scalars(out["run_dir"], "charts/episodic_return")[0][1]
+    assert 0 <= ret <= 1000  # DeepMind Control's rewards are in [0, 1]
+    (step, eval_ret), = scalars(out["run_dir"], "eval/episodic_return")
+    assert step == 1100 and 0 <= eval_ret <= 1000
+    resumed = qsm.main(qsm.Args(resume=str(tmp_path / "at1050.pt")))
+    assert resumed["global_step"] == 1100 and resumed["num_updates"] == 100 and resumed["run_dir"] == out["run_dir"]
 
 
 def test_benchmark_memory_samples_a_run(tmp_path):

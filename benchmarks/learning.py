@@ -1,22 +1,31 @@
-"""Learning benchmark: qsm.py over envs × seeds against CleanRL SAC reference curves measured on the same machine kind.
+"""Learning benchmark grid: envs × algorithms × seeds at one budget, run here or on a Slurm cluster; then a picture
+per env and a table.
 
     pip install -r benchmarks/requirements.txt
-    python benchmarks/learning.py                              # Walker2d-v4 and Hopper-v4, seeds 1-3, 100k steps
-    python benchmarks/learning.py --plot-only                  # redraw the picture and table from the CSVs
+    python benchmarks/learning.py --envs Walker2d-v4 Hopper-v4 --algos qsm sac td3 --seeds 1 2 3 --steps 100000
+    python benchmarks/learning.py ... --launcher slurm --partition cpu --time-min 240       # one Slurm job per run
+    python benchmarks/learning.py --envs ... --algos ... --plot-only                       # redraw from the CSVs
 
-Runs `python qsm.py` with the defaults a user gets (plus --env-id, --seed, --total-timesteps), `--jobs` at a time,
-each with one torch thread. Each run's curve (`charts/episodic_return` from its TensorBoard log) is written to
-`benchmarks/results/{tag}_{env}_seed{seed}.csv` (env, seed, step, return) as soon as that run ends, so an interrupted
-benchmark loses little: re-running skips every run whose CSV exists, collects runs that finished while no benchmark
-process was watching, and continues an interrupted run from its last `checkpoint.pt` (qsm.py --resume; written every
-`--checkpoint-freq` steps; MuJoCo episodes in flight at the interruption are cut, see README, Long runs). Then it draws
-`benchmarks/learning_curves.png` and prints a Markdown table. Score (as in ../shared/reference/README.md): per seed,
-the mean of the last 10 training episodes ending at or before the budget; then mean ± std over seeds.
+Algorithms: `qsm` runs `python qsm.py` with the defaults a user gets plus `--extra` flags (its CSVs are named by
+`--tag`, default "qsm"); `sac` and `td3` run Stable-Baselines3 with the zoo's published settings
+(benchmarks/baselines.py). Every run gets one torch thread; `--jobs` run at a time here (`--launcher local`), or each
+run is a Slurm job through submitit (`--launcher slurm`; `submitit-local` runs the same jobs as local processes, which
+is how the tests check the launcher).
+
+Metric, the same for all: the training return of each finished episode, at the number of transitions collected when
+it ended, written to `{results}/{tag or algo}_{env}_seed{seed}.csv` (env, seed, step, return) as soon as the run ends.
+Score: per seed, the mean of the last 10 training episodes ending at or before the budget; then mean ± std over seeds.
+
+Resumable: re-running skips every run whose CSV exists, collects QSM runs that finished while nothing watched, and
+continues an interrupted run from its checkpoint (written every `--checkpoint-freq` steps and when the run gets
+SIGTERM; episodes in flight are cut). On Slurm, a job that is preempted or reaches its time limit is signalled by
+submitit, stops its run (which saves a checkpoint), and is requeued; the requeued job continues from the checkpoint.
 """
 import argparse
 import csv
 import glob
 import os
+import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+COLORS = {"qsm": "tab:red", "sac": "tab:blue", "td3": "tab:green", "sac (CleanRL)": "tab:gray"}
 
 
 def events(run_dir: str, tag: str):
@@ -34,38 +44,105 @@ def events(run_dir: str, tag: str):
     return ea.Scalars(tag) if tag in ea.Tags()["scalars"] else []
 
 
-def run_dirs(env, seed, o, finished=False) -> list[str]:
+def name(algo: str, o) -> str:
+    return o.tag if algo == "qsm" else algo
+
+
+def csv_path(algo: str, env: str, seed: int, o) -> Path:
+    return Path(o.results) / f"{name(algo, o)}_{env.replace('/', '-')}_seed{seed}.csv"
+
+
+def qsm_run_dirs(env, seed, o, finished=False) -> list[str]:
     dirs = sorted(glob.glob(str(Path(o.runs) / "runs" / f"{env.replace('/', '-')}__{o.tag}__{seed}__*")))
     return [d for d in dirs if max((e.step for e in events(d, "charts/SPS")), default=0) >= o.steps] if finished else dirs
 
 
-def run_one(env, seed, o) -> str:
-    out = Path(o.results) / f"{o.tag}_{env.replace('/', '-')}_seed{seed}.csv"
+def command(algo: str, env: str, seed: int, o) -> list[str]:
+    """The command that starts, or continues, one run."""
+    if algo != "qsm":
+        return [sys.executable, str(ROOT / "benchmarks" / "baselines.py"), "--algo", algo, "--env-id", env, "--seed",
+                str(seed), "--steps", str(o.steps), "--out", str(csv_path(algo, env, seed, o)), "--workdir",
+                str(Path(o.runs) / f"{algo}_{env.replace('/', '-')}_seed{seed}"), "--checkpoint-freq",
+                str(o.checkpoint_freq), *o.baseline_extra.split()]
+    ckpts = [f"{d}/checkpoint.pt" for d in qsm_run_dirs(env, seed, o) if os.path.exists(f"{d}/checkpoint.pt")]
+    if ckpts:
+        return [sys.executable, o.qsm, "--resume", ckpts[-1]]
+    return [sys.executable, o.qsm, "--env-id", env, "--seed", str(seed), "--total-timesteps", str(o.steps),
+            "--exp-name", o.tag, "--checkpoint-freq", str(o.checkpoint_freq), *o.extra.split()]
+
+
+def run_one(algo: str, env: str, seed: int, o, started=None) -> str:
+    """started(proc): called with the run's process (submitit jobs stop it through this)."""
+    out = csv_path(algo, env, seed, o)
     if out.exists():
         return f"skip {out.name} (done)"
-    finished = run_dirs(env, seed, o, finished=True)
-    if not finished:
-        ckpts = [f"{d}/checkpoint.pt" for d in run_dirs(env, seed, o) if os.path.exists(f"{d}/checkpoint.pt")]
-        cmd = [sys.executable, o.qsm, *(["--resume", ckpts[-1]] if ckpts else [
-            "--env-id", env, "--seed", str(seed), "--total-timesteps", str(o.steps), "--exp-name", o.tag,
-            "--checkpoint-freq", str(o.checkpoint_freq), *o.extra.split()])]
-        log = Path(o.runs) / f"{o.tag}_{env.replace('/', '-')}_seed{seed}.log"
+    if algo != "qsm" or not qsm_run_dirs(env, seed, o, finished=True):
+        cmd = command(algo, env, seed, o)
+        log = Path(o.runs) / f"{name(algo, o)}_{env.replace('/', '-')}_seed{seed}.log"
         env_vars = dict(os.environ, OMP_NUM_THREADS=str(o.threads), MKL_NUM_THREADS=str(o.threads))
         with open(log, "a") as f:
             f.write(" ".join(cmd) + "\n")
             f.flush()
-            rc = subprocess.run(cmd, cwd=o.runs, env=env_vars, stdout=f, stderr=subprocess.STDOUT).returncode
-        finished = run_dirs(env, seed, o, finished=True)
-        if rc != 0 or not finished:
-            return f"FAILED {env} seed {seed} (rc {rc}), see {log}; re-run to continue from its checkpoint"
-    tmp = out.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["env", "seed", "step", "return"])
-        for e in events(finished[-1], "charts/episodic_return"):
-            w.writerow([env, seed, e.step, f"{e.value:.3f}"])
-    tmp.rename(out)  # atomic: a CSV exists only for a finished run
+            # in a submitit job the run ignores SIGUSR2: Slurm may send it to every process of a preempted job,
+            # and the job (submitit) stops the run with SIGTERM, which saves a checkpoint, before requeueing
+            ignore_usr2 = (lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN)) if started else None
+            proc = subprocess.Popen(cmd, cwd=o.runs, env=env_vars, stdout=f, stderr=subprocess.STDOUT,
+                                    preexec_fn=ignore_usr2)
+            if started:
+                started(proc)
+            rc = proc.wait()
+        if rc != 0 or not (out.exists() if algo != "qsm" else qsm_run_dirs(env, seed, o, finished=True)):
+            return f"FAILED {out.stem} (rc {rc}), see {log}; re-run to continue from its checkpoint"
+    if algo == "qsm":  # the curve from the finished run's TensorBoard log
+        tmp = out.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["env", "seed", "step", "return"])
+            for e in events(qsm_run_dirs(env, seed, o, finished=True)[-1], "charts/episodic_return"):
+                w.writerow([env, seed, e.step, f"{e.value:.3f}"])
+        tmp.rename(out)  # atomic: a CSV exists only for a finished run
     return f"done {out.name}"
+
+
+class Job:
+    """One run as a submitit job. On preemption or time-out submitit calls checkpoint(): it stops the run with
+    SIGTERM (the run saves its checkpoint and exits) and requeues this job, which then continues from the checkpoint."""
+
+    def __init__(self, algo: str, env: str, seed: int, o):
+        self.algo, self.env, self.seed, self.o, self.proc = algo, env, seed, o, None
+
+    def __call__(self) -> str:
+        return run_one(self.algo, self.env, self.seed, self.o, started=lambda proc: setattr(self, "proc", proc))
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            os.waitpid(self.proc.pid, 0)  # not proc.wait(): the interrupted proc.wait() in run_one holds its lock
+        return submitit.helpers.DelayedSubmission(Job(self.algo, self.env, self.seed, self.o))
+
+
+def launch(runs: list[tuple[str, str, int]], o):
+    if o.launcher == "local":
+        with ThreadPoolExecutor(o.jobs) as pool:
+            for msg in pool.map(lambda r: run_one(*r, o), runs):
+                print(msg, flush=True)
+        return
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=Path(o.runs) / "submitit" / "%j",
+                                     cluster="local" if o.launcher == "submitit-local" else "slurm")
+    executor.update_parameters(timeout_min=o.time_min, cpus_per_task=o.threads, slurm_partition=o.partition,
+                               slurm_array_parallelism=o.jobs, slurm_max_num_timeout=o.max_requeue,
+                               slurm_additional_parameters=dict(x.split("=", 1) for x in o.slurm_extra))
+    with executor.batch():  # one Slurm job array
+        jobs = [executor.submit(Job(*r, o)) for r in runs]
+    print(f"submitted {len(jobs)} jobs: {', '.join(j.job_id for j in jobs)}; logs in {Path(o.runs) / 'submitit'}",
+          flush=True)
+    if o.wait:
+        for job in jobs:
+            print(job.result(), flush=True)
 
 
 def load(pattern):
@@ -89,65 +166,83 @@ def summarize(o):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = np.arange(5_000, o.steps + 1, 2_500)
+    grid = np.arange(5_000, o.steps + 1, 2_500) if o.steps >= 10_000 else np.linspace(o.steps / 4, o.steps, 4)
     fig, axes = plt.subplots(1, len(o.envs), figsize=(6 * len(o.envs), 4.2), squeeze=False)
-    rows = ["| env | budget | QSM (ours) | SAC (CleanRL) | QSM / SAC |", "|---|---|---|---|---|"]
+    names = [name(a, o) for a in o.algos] + (["sac (CleanRL)"] if o.reference_dir else [])
+    rows = ["| env | budget | " + " | ".join(names) + " | " + " | ".join(f"QSM / {a.upper()}" for a in o.algos
+                                                                       if a != "qsm") + " |"]
+    rows.append("|" + "---|" * (rows[0].count("|") - 1))
+    per_seed = []
     for ax, env in zip(axes[0], o.envs):
-        qsm_label = "QSM (qsm.py defaults)" if o.tag == "qsm" else f"QSM ({o.tag})"
-        algos = {qsm_label: load(str(Path(o.results) / f"{o.tag}_{env.replace('/', '-')}_seed*.csv")),
-                 "SAC (CleanRL reference)": load(str(Path(o.reference_dir) / f"sac_{env}_seed*.csv"))}
+        e = env.replace("/", "-")
+        curves = {n: load(str(Path(o.results) / f"{n}_{e}_seed*.csv")) for n in names if n != "sac (CleanRL)"}
+        if o.reference_dir:
+            curves["sac (CleanRL)"] = load(str(Path(o.reference_dir) / f"sac_{e}_seed*.csv"))
         scores = {}
-        for (name, curves), color in zip(algos.items(), ("tab:red", "tab:blue")):
-            if not curves:
+        for n, c in curves.items():
+            if not c:
                 continue
-            s = np.array([[score(st, r, b) for b in grid] for st, r in curves.values()])
+            s = np.array([[score(st, r, b) for b in grid] for st, r in c.values()])
             m, sd = np.nanmean(s, 0), np.nanstd(s, 0)
-            ax.plot(grid, m, color=color, label=f"{name}, {len(curves)} seed{'s' * (len(curves) > 1)}")
-            ax.fill_between(grid, m - sd, m + sd, color=color, alpha=0.2)
-            scores[name] = {b: [score(st, r, b) for st, r in curves.values()] for b in (o.steps // 2, o.steps)}
-        ax.set_title(env)
-        ax.set_xlabel("env steps")
-        ax.set_ylabel("training episodic return (last 10 episodes)")
+            color = COLORS.get(n, COLORS["qsm"] if n == o.tag else None)
+            ax.plot(grid, m, color=color, label=f"{n.upper() if n in COLORS else n}, {len(c)} seeds")
+            ax.fill_between(grid, m - sd, m + sd, color=color, alpha=0.15)
+            scores[n] = {b: [score(st, r, b) for st, r in c.values()] for b in (o.steps // 2, o.steps)}
+        ax.set(title=env, xlabel="transitions (env steps)", ylabel="training episodic return (last 10 episodes)")
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left")
-        if len(scores) == 2:
-            q, s = scores.values()
-            for b in (o.steps // 2, o.steps):
-                ratio = np.mean(q[b]) / np.mean(s[b])
-                rows.append(f"| {env} | {b // 1000}k | {np.mean(q[b]):.0f} ± {np.std(q[b]):.0f} (n={len(q[b])}) | "
-                            f"{np.mean(s[b]):.0f} ± {np.std(s[b]):.0f} (n={len(s[b])}) | {ratio:.2f} |")
-    fig.suptitle(f"QSM (qsm.py) vs SAC (CleanRL), mean ± std over seeds, {o.threads} torch thread per run")
+        for b in (o.steps // 2, o.steps):
+            cell = lambda n: f"{np.mean(scores[n][b]):.0f} ± {np.std(scores[n][b]):.0f} (n={len(scores[n][b])})" \
+                if n in scores else "–"
+            q = scores.get(o.tag if "qsm" in o.algos else None, {}).get(b)
+            ratios = [f"{np.mean(q) / np.mean(scores[name(a, o)][b]):.2f}" if q and name(a, o) in scores else "–"
+                      for a in o.algos if a != "qsm"]
+            rows.append(f"| {env} | {b / 1000:g}k | " + " | ".join(cell(n) for n in names) + " | " + " | ".join(ratios) + " |")
+        per_seed.append(f"{env} at {o.steps / 1000:g}k, per seed: " + "; ".join(
+            f"{n} " + ", ".join(f"{v:.0f}" for v in scores[n][o.steps]) for n in names if n in scores))
+    fig.suptitle(f"{', '.join(n.upper() for n in names)}: mean ± std over seeds, 1 torch thread per run")
     fig.tight_layout()
-    fig.savefig(o.picture or ROOT / "benchmarks" / ("learning_curves.png" if o.tag == "qsm" else f"{o.tag}_curves.png"),
-                dpi=110)
-    print("\n".join(rows))
+    fig.savefig(o.picture or ROOT / "benchmarks" / f"{o.tag}_curves.png", dpi=110)
+    print("\n".join(rows + [""] + per_seed))
+
+
+def options(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--envs", nargs="+", default=["Walker2d-v4", "Hopper-v4"])
+    p.add_argument("--algos", nargs="+", default=["qsm"], choices=["qsm", "sac", "td3"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--steps", type=int, default=100_000, help="transitions per run")
+    p.add_argument("--tag", default="qsm", help="--exp-name of the QSM runs and prefix of their CSVs")
+    p.add_argument("--extra", default="", help="extra qsm.py flags, e.g. '--q-grad-scale 50' (use a new --tag)")
+    p.add_argument("--baseline-extra", default="", help="extra baselines.py flags (tests only)")
+    p.add_argument("--qsm", default=str(ROOT / "qsm.py"), help="the script to run (e.g. a frozen copy)")
+    p.add_argument("--checkpoint-freq", type=int, default=5_000, help="checkpoint every this many steps")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (and Slurm CPUs) per run")
+    p.add_argument("--launcher", default="local", choices=["local", "slurm", "submitit-local"])
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (local), or Slurm array parallelism")
+    p.add_argument("--partition", default=None, help="Slurm partition")
+    p.add_argument("--time-min", type=int, default=240, help="Slurm time limit per job, minutes (requeued beyond)")
+    p.add_argument("--max-requeue", type=int, default=10, help="Slurm: times a job may be requeued after a time-out")
+    p.add_argument("--slurm-extra", nargs="*", default=[], help="more sbatch options, e.g. account=myproject")
+    p.add_argument("--no-wait", dest="wait", action="store_false", help="Slurm: submit and return")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="folder of the CSVs")
+    p.add_argument("--runs", default=str(ROOT / "benchmarks" / ".runs"), help="folder of the runs (not committed)")
+    p.add_argument("--picture", default=None, help="the PNG to draw (default: benchmarks/{tag}_curves.png)")
+    p.add_argument("--reference-dir", default=str(ROOT.parent / "shared" / "reference"),
+                   help="CleanRL SAC curves to draw as a second reference ('' for none)")
+    p.add_argument("--plot-only", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="only run")
+    o = p.parse_args(argv)
+    o.runs, o.results = str(Path(o.runs).resolve()), str(Path(o.results).resolve())
+    Path(o.results).mkdir(parents=True, exist_ok=True)
+    Path(o.runs).mkdir(parents=True, exist_ok=True)
+    return o
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--envs", nargs="+", default=["Walker2d-v4", "Hopper-v4"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    p.add_argument("--steps", type=int, default=100_000, help="env steps per run")
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    p.add_argument("--tag", default="qsm", help="--exp-name of the runs and prefix of their CSVs")
-    p.add_argument("--extra", default="", help="extra qsm.py flags, e.g. '--q-grad-scale 10' (use a new --tag)")
-    p.add_argument("--qsm", default=str(ROOT / "qsm.py"), help="the script to run (e.g. a frozen copy)")
-    p.add_argument("--checkpoint-freq", type=int, default=5_000, help="qsm.py --checkpoint-freq of new runs")
-    p.add_argument("--reference-dir", default=str(ROOT.parent / "shared" / "reference"))
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="folder of the CSVs")
-    p.add_argument("--runs", default=str(ROOT / "benchmarks" / ".runs"), help="folder of the runs' logs (not committed)")
-    p.add_argument("--picture", default=None, help="the PNG to draw (default: benchmarks/learning_curves.png)")
-    p.add_argument("--plot-only", action="store_true")
-    p.add_argument("--no-plot", action="store_true", help="only run (e.g. for a sweep under another --tag)")
-    o = p.parse_args()
-    Path(o.results).mkdir(parents=True, exist_ok=True)
-    Path(o.runs).mkdir(parents=True, exist_ok=True)
+    o = options()
     if not o.plot_only:
-        jobs = [(env, seed) for seed in o.seeds for env in o.envs]
-        with ThreadPoolExecutor(o.jobs) as pool:
-            for msg in pool.map(lambda js: run_one(*js, o), jobs):
-                print(msg, flush=True)
+        launch([(algo, env, seed) for seed in o.seeds for env in o.envs for algo in o.algos], o)
     if not o.no_plot:
         summarize(o)
 
