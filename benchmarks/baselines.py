@@ -16,9 +16,11 @@ same time limits). Metric, as for qsm.py: the training return of every finished 
 transitions collected when it ended (SB3's vector env resets in the same step, so its step count is transitions),
 written as `env,seed,step,return`. Truncated episodes bootstrap (SB3's handle_timeout_termination).
 
-Resume: every --checkpoint-freq steps, and on SIGINT, SIGTERM or SIGHUP (as qsm.py), the model, its replay buffer and the episodes so far are saved to --workdir, and the process exits with status
-128 + signal; run it again with the same flags and it continues from there (episodes in flight are cut, as for
-qsm.py on MuJoCo, and the random streams are not restored). The CSV is written, atomically, only when the run ends.
+Resume: every --checkpoint-freq steps, and on SIGINT, SIGTERM or SIGHUP (as qsm.py), the model, its replay buffer
+and the episodes so far are saved to --workdir, and the process exits with status 128 + signal; run it again with
+the same flags and it continues from there (episodes in flight are cut, as for qsm.py on MuJoCo, and the random
+streams are not restored). The CSV is written, atomically, only when the run ends. The replay buffer holds
+min(1M, --steps) transitions: the zoo's 1M is never filled within a shorter budget, so the algorithm is the same.
 """
 import argparse
 import csv
@@ -26,6 +28,7 @@ import os
 import pickle
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -74,11 +77,12 @@ def main():
         print(f"resuming {o.algo} {o.env_id} seed {o.seed} at step {model.num_timesteps}", flush=True)
     else:
         kw = hyperparameters(o.algo, env.action_space.shape[0])
+        kw["buffer_size"] = min(1_000_000, o.steps)  # the zoo's 1M, never filled within the budget: same algorithm
         if o.learning_starts is not None:
             kw["learning_starts"] = o.learning_starts
         model, rows = Algo("MlpPolicy", env, seed=o.seed, device="cpu", verbose=0, **kw), []
 
-    stop = []
+    stop, start = [], time.time()
     for s in STOP_SIGNALS:
         signal.signal(s, lambda signum, frame: stop.append(signum))
 
@@ -97,6 +101,9 @@ def main():
                     rows.append((self.num_timesteps, float(info["episode"]["r"])))
             if o.checkpoint_freq and self.num_timesteps % o.checkpoint_freq == 0:
                 save()
+                recent = [r for _, r in rows[-10:]]
+                print(f"step {self.num_timesteps}: return {np.mean(recent) if recent else float('nan'):.1f} (last 10 "
+                      f"episodes), {time.time() - start:.0f} s", flush=True)
             return not stop
 
     model.learn(o.steps - model.num_timesteps, callback=Record(), reset_num_timesteps=False)
