@@ -661,9 +661,10 @@ def stop_and_time(p, sig) -> float:
     return time.time() - t
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
-def test_signal_saves_a_checkpoint_and_flushes_the_log(sig, tmp_path):
-    p, err = start_run(tmp_path, "--env-id", "Pendulum-v1")
+@pytest.mark.parametrize("sig, learning_starts", [  # stopped while updating, and during the random steps
+    (signal.SIGINT, 10), (signal.SIGTERM, 10), (signal.SIGHUP, 10), (signal.SIGTERM, 999_999)])
+def test_signal_saves_a_checkpoint_and_flushes_the_log(sig, learning_starts, tmp_path):
+    p, err = start_run(tmp_path, "--env-id", "Pendulum-v1", "--learning-starts", str(learning_starts))
     wait_for(lambda: max(map(int, re.findall(r"(\d+)/1000000", "".join(err))), default=0) >= 60)  # tqdm's N/1000000
     assert stop_and_time(p, sig) < 10
     time.sleep(0.5)
@@ -675,9 +676,10 @@ def test_signal_saves_a_checkpoint_and_flushes_the_log(sig, tmp_path):
     run_dir = glob.glob(str(tmp_path / "runs/*"))[0]
     ck = torch.load(f"{run_dir}/checkpoint.pt", weights_only=True)
     step = ck["global_step"]
-    assert step >= 60 and ck["num_updates"] == step - 10, step  # mid-training, an update per step after learning_starts
-    logged = [s for s, _ in scalars(run_dir, "losses/qf1_loss")]
-    assert logged[0] == 20 and step - 10 < logged[-1] <= step, (step, logged)  # the writer was flushed up to the stop
+    # mid-run, an update per step after learning_starts, and the buffer holds every step
+    assert step >= 60 and ck["num_updates"] == max(0, step - learning_starts) and ck["rb"]["size"] == step, step
+    logged = [s for s, _ in scalars(run_dir, "charts/SPS")]
+    assert logged[0] == 10 and step - 10 < logged[-1] <= step, (step, logged)  # the writer was flushed up to the stop
 
 
 def test_signal_during_evaluation_stops_it_within_seconds(tmp_path):
