@@ -48,6 +48,10 @@ def name(algo: str, o) -> str:
     return o.tag if algo == "qsm" else algo
 
 
+def label(n: str, o) -> str:
+    return {o.tag: f"QSM ({o.tag})", "qsm": "QSM", "sac (CleanRL)": "SAC (CleanRL)"}.get(n, n.upper())
+
+
 def csv_path(algo: str, env: str, seed: int, o) -> Path:
     return Path(o.results) / f"{name(algo, o)}_{env.replace('/', '-')}_seed{seed}.csv"
 
@@ -185,12 +189,13 @@ def summarize(o):
             s = np.array([[score(st, r, b) for b in grid] for st, r in c.values()])
             m, sd = np.nanmean(s, 0), np.nanstd(s, 0)
             color = COLORS.get(n, COLORS["qsm"] if n == o.tag else None)
-            ax.plot(grid, m, color=color, label=f"{n.upper() if n in COLORS else n}, {len(c)} seeds")
+            ax.plot(grid, m, color=color, label=f"{label(n, o)}, {len(c)} seed{'s' * (len(c) > 1)}")
             ax.fill_between(grid, m - sd, m + sd, color=color, alpha=0.15)
             scores[n] = {b: [score(st, r, b) for st, r in c.values()] for b in (o.steps // 2, o.steps)}
         ax.set(title=env, xlabel="transitions (env steps)", ylabel="training episodic return (last 10 episodes)")
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper left")
+        if scores:
+            ax.legend(loc="upper left")
         for b in (o.steps // 2, o.steps):
             cell = lambda n: f"{np.mean(scores[n][b]):.0f} ± {np.std(scores[n][b]):.0f} (n={len(scores[n][b])})" \
                 if n in scores else "–"
@@ -200,7 +205,7 @@ def summarize(o):
             rows.append(f"| {env} | {b / 1000:g}k | " + " | ".join(cell(n) for n in names) + " | " + " | ".join(ratios) + " |")
         per_seed.append(f"{env} at {o.steps / 1000:g}k, per seed: " + "; ".join(
             f"{n} " + ", ".join(f"{v:.0f}" for v in scores[n][o.steps]) for n in names if n in scores))
-    fig.suptitle(f"{', '.join(n.upper() for n in names)}: mean ± std over seeds, 1 torch thread per run")
+    fig.suptitle(f"{', '.join(label(n, o) for n in names)}: mean ± std over seeds, {o.threads} torch thread per run")
     fig.tight_layout()
     fig.savefig(o.picture or ROOT / "benchmarks" / f"{o.tag}_curves.png", dpi=110)
     print("\n".join(rows + [""] + per_seed))
