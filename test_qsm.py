@@ -734,11 +734,11 @@ def bench(script: str, *args: str) -> str:
     return p.stdout
 
 
-def grid_flags(tmp_path, *algos, steps=400) -> list[str]:
+def grid_flags(tmp_path, *algos, steps=400, baseline_learning_starts=100) -> list[str]:
     return ["--envs", "Pendulum-v1", "--algos", *algos, "--seeds", "1", "--steps", str(steps), "--jobs", "2",
             "--checkpoint-freq", "200", "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs"),
             "--picture", str(tmp_path / "curves.png"), "--reference-dir", "", "--extra", TINY,
-            "--baseline-extra", "--learning-starts 100"]
+            "--baseline-extra", f"--learning-starts {baseline_learning_starts}"]
 
 
 def test_benchmark_grid_runs_every_algorithm_skips_finished_runs_and_plots(tmp_path):
@@ -768,7 +768,7 @@ def test_benchmark_grid_submitit_job_requeued_after_preemption_continues_its_run
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     learning = load_benchmark_module("learning")
-    o = learning.options(grid_flags(tmp_path, algo, steps=3000)[:-2] + ["--baseline-extra", "--learning-starts 2000"])
+    o = learning.options(grid_flags(tmp_path, algo, steps=3000, baseline_learning_starts=2000))
     executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="local")
     executor.update_parameters(timeout_min=10)
     job = executor.submit(learning.Job(algo, "Pendulum-v1", 1, o))

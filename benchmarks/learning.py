@@ -52,12 +52,20 @@ def label(n: str, o) -> str:
     return {o.tag: f"QSM ({o.tag})", "qsm": "QSM", "sac (CleanRL)": "SAC (CleanRL)"}.get(n, n.upper())
 
 
+def slug(env: str) -> str:  # the env id in file names, as qsm.py writes it in run folders
+    return env.replace("/", "-")
+
+
+def run_id(algo: str, env: str, seed: int, o) -> str:  # names the run's CSV, log and (baselines) working folder
+    return f"{name(algo, o)}_{slug(env)}_seed{seed}"
+
+
 def csv_path(algo: str, env: str, seed: int, o) -> Path:
-    return Path(o.results) / f"{name(algo, o)}_{env.replace('/', '-')}_seed{seed}.csv"
+    return Path(o.results) / f"{run_id(algo, env, seed, o)}.csv"
 
 
 def qsm_run_dirs(env, seed, o, finished=False) -> list[str]:
-    dirs = sorted(glob.glob(str(Path(o.runs) / "runs" / f"{env.replace('/', '-')}__{o.tag}__{seed}__*")))
+    dirs = sorted(glob.glob(str(Path(o.runs) / "runs" / f"{slug(env)}__{o.tag}__{seed}__*")))
     return [d for d in dirs if max((e.step for e in events(d, "charts/SPS")), default=0) >= o.steps] if finished else dirs
 
 
@@ -66,7 +74,7 @@ def command(algo: str, env: str, seed: int, o) -> list[str]:
     if algo != "qsm":
         return [sys.executable, str(ROOT / "benchmarks" / "baselines.py"), "--algo", algo, "--env-id", env, "--seed",
                 str(seed), "--steps", str(o.steps), "--out", str(csv_path(algo, env, seed, o)), "--workdir",
-                str(Path(o.runs) / f"{algo}_{env.replace('/', '-')}_seed{seed}"), "--checkpoint-freq",
+                str(Path(o.runs) / run_id(algo, env, seed, o)), "--checkpoint-freq",
                 str(o.checkpoint_freq), *o.baseline_extra.split()]
     ckpts = [f"{d}/checkpoint.pt" for d in qsm_run_dirs(env, seed, o) if os.path.exists(f"{d}/checkpoint.pt")]
     if ckpts:
@@ -80,9 +88,10 @@ def run_one(algo: str, env: str, seed: int, o, started=None) -> str:
     out = csv_path(algo, env, seed, o)
     if out.exists():
         return f"skip {out.name} (done)"
-    if algo != "qsm" or not qsm_run_dirs(env, seed, o, finished=True):
+    finished = qsm_run_dirs(env, seed, o, finished=True) if algo == "qsm" else []  # QSM runs that ended unwatched
+    if algo != "qsm" or not finished:
         cmd = command(algo, env, seed, o)
-        log = Path(o.runs) / f"{name(algo, o)}_{env.replace('/', '-')}_seed{seed}.log"
+        log = Path(o.runs) / f"{run_id(algo, env, seed, o)}.log"
         env_vars = dict(os.environ, OMP_NUM_THREADS=str(o.threads), MKL_NUM_THREADS=str(o.threads))
         with open(log, "a") as f:
             f.write(" ".join(cmd) + "\n")
@@ -95,14 +104,15 @@ def run_one(algo: str, env: str, seed: int, o, started=None) -> str:
             if started:
                 started(proc)
             rc = proc.wait()
-        if rc != 0 or not (out.exists() if algo != "qsm" else qsm_run_dirs(env, seed, o, finished=True)):
+        finished = qsm_run_dirs(env, seed, o, finished=True) if algo == "qsm" else []  # read once, reused below
+        if rc != 0 or not (finished if algo == "qsm" else out.exists()):
             return f"FAILED {out.stem} (rc {rc}), see {log}; re-run to continue from its checkpoint"
     if algo == "qsm":  # the curve from the finished run's TensorBoard log
         tmp = out.with_suffix(".tmp")
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["env", "seed", "step", "return"])
-            for e in events(qsm_run_dirs(env, seed, o, finished=True)[-1], "charts/episodic_return"):
+            for e in events(finished[-1], "charts/episodic_return"):
                 w.writerow([env, seed, e.step, f"{e.value:.3f}"])
         tmp.rename(out)  # atomic: a CSV exists only for a finished run
     return f"done {out.name}"
@@ -178,7 +188,7 @@ def summarize(o):
     rows.append("|" + "---|" * (rows[0].count("|") - 1))
     per_seed = []
     for ax, env in zip(axes[0], o.envs):
-        e = env.replace("/", "-")
+        e = slug(env)
         curves = {n: load(str(Path(o.results) / f"{n}_{e}_seed*.csv")) for n in names if n != "sac (CleanRL)"}
         if o.reference_dir:
             curves["sac (CleanRL)"] = load(str(Path(o.reference_dir) / f"sac_{e}_seed*.csv"))
