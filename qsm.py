@@ -99,9 +99,12 @@ class Args:
     """number of DDPM steps, T in the paper and the official code"""
     beta_schedule: Literal["vp", "cosine", "linear"] = "vp"
     """noise schedule β₁..β_T ("beta_schedule" in the official code)"""
-    q_grad_scale: float = 5.0
-    """M_q: the denoiser is regressed onto -M_q·∇ₐQ ("M_q" in the official code, α in Alg. 1 of the paper). The official
-    50 was tuned on DeepMind Control (rewards ≤ 1/step); on Gym MuJoCo it saturates the sampler (README, sweep)"""
+    q_grad_scale: float = 1.5
+    """M_q: the denoiser is regressed onto -M_q·∇ₐQ/RMS(∇ₐQ) ("M_q" in the official code, α in Alg. 1 of the paper);
+    dimensionless, the same for rewards of any scale (README: derivation, sampler tests)"""
+    normalize_q_grad: bool = True
+    """divide ∇ₐQ by its root mean square over the batch and action coordinates (our default); --no-normalize-q-grad
+    regresses onto -M_q·∇ₐQ as the paper does, whose M_q then depends on the reward scale (official: 50 on DMC)"""
     ddpm_temperature: float = 1.0
     """scale of the noise injected at each reverse step ("ddpm_temperature" in the official code)"""
     clip_sampler: bool = True
@@ -292,13 +295,14 @@ def critic_loss(qf, qf_target, denoiser, sched, batch, args: Args):
     with torch.no_grad():
         next_a = ddpm_sample(denoiser, sched, batch["next_obs"], batch["actions"].shape[1], args.ddpm_temperature,
                              args.clip_sampler)  # a' ~ π(·|s')
+        at_bounds = (next_a.abs() >= 1).float().mean()  # a saturated sampler puts most coordinates at ±1
         next_a = (next_a + args.target_noise * torch.randn_like(next_a)).clamp(-1, 1)
         next_q = qf_target(batch["next_obs"], next_a).min(0).values  # min_i Q̄_i(s', a')
         y = batch["rewards"] + args.gamma * (1 - batch["terminated"]) * next_q  # only `terminated` cuts bootstrap
     q = qf(batch["obs"], batch["actions"])  # (2, B)
     per_q = ((q - y) ** 2).mean(1)
     return per_q.sum(), {"losses/qf1_loss": per_q[0].detach(), "losses/qf2_loss": per_q[1].detach(),
-                         "losses/qf1_values": q[0].mean().detach()}
+                         "losses/qf1_values": q[0].mean().detach(), "policy/next_action_at_bounds": at_bounds}
 
 
 def qsm_loss(denoiser, qf, sched, batch, args: Args):
@@ -308,13 +312,24 @@ def qsm_loss(denoiser, qf, sched, batch, args: Args):
     a_t = ab.sqrt() * a0 + (1 - ab).sqrt() * torch.randn_like(a0)  # forward process q(aₜ|a₀)
     with torch.no_grad():  # ∇ₐQ(s, aₜ) of the mean of both critics: a fixed target, no gradient reaches the critics
         dq_da = torch.func.grad(lambda a: qf(s, a).mean(0).sum())(a_t)
+        rms = dq_da.pow(2).mean().sqrt() if args.normalize_q_grad else torch.ones(())  # RMS(∇ₐQ): Q's scale
     eps = denoiser(s, a_t, t)  # ε_θ(s, aₜ, t)
-    loss = ((eps + args.q_grad_scale * dq_da) ** 2).sum(-1).mean()  # ‖ε_θ + M_q ∇ₐQ‖²
+    loss = ((eps + args.q_grad_scale * dq_da / (rms + 1e-8)) ** 2).sum(-1).mean()  # ‖ε_θ + M_q ∇ₐQ/RMS(∇ₐQ)‖²
     with torch.no_grad():  # diagnostics: the score -ε_θ should point along ∇ₐQ
         align = F.cosine_similarity(-eps, dq_da, dim=-1).mean()
         diag = {"losses/actor_loss": loss.detach(), "qsm/score_alignment": align,
                 "qsm/dq_da_norm": dq_da.norm(dim=-1).mean(), "qsm/eps_norm": eps.norm(dim=-1).mean()}
     return loss, diag
+
+
+@torch.no_grad()
+def policy_diagnostics(denoiser, qf, sched, s: torch.Tensor, act_dim: int, args: Args) -> dict[str, torch.Tensor]:
+    """What the acting sampler does at buffer states: the share of action coordinates it puts at ±1, and how often
+    its action beats a uniform random one under Q (≈ 1 for a policy that follows Q; ≤ 0.5 for a degenerate one)."""
+    a = ddpm_sample(denoiser, sched, s, act_dim, args.ddpm_temperature, args.clip_sampler)
+    q_policy, q_random = qf(s, a).mean(0), qf(s, torch.rand_like(a) * 2 - 1).mean(0)
+    return {"policy/action_at_bounds": (a.abs() >= 1).float().mean(),
+            "policy/beats_random": (q_policy > q_random).float().mean()}
 
 
 @torch.no_grad()
@@ -734,7 +749,8 @@ def train(args: Args, resume: Optional[dict], ckpt: Optional[dict], obs_dim: int
             # learn: UTD updates per env step, each a critic step, a QSM actor step and a Polyak step
             if global_step > args.learning_starts:
                 for _ in range(args.utd_ratio * args.num_envs):
-                    metrics = update(rb.sample(args.batch_size, rng.np))
+                    batch = rb.sample(args.batch_size, rng.np)
+                    metrics = update(batch)
                     actor_sched.step()
                     num_updates += 1
                     if not torch.isfinite(torch.stack(list(metrics.values()))).all():  # NaN/Inf guard: one host sync
@@ -749,6 +765,8 @@ def train(args: Args, resume: Optional[dict], ckpt: Optional[dict], obs_dim: int
                     writer.add_scalar(k, float(v), global_step)
                 if metrics:
                     writer.add_scalar("charts/actor_lr", actor_opt.param_groups[0]["lr"], global_step)
+                    for k, v in policy_diagnostics(denoiser_target, qf, sched, batch["obs"], act_dim, args).items():
+                        writer.add_scalar(k, float(v), global_step)
                 pbar.set_postfix(ret=f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a", sps=sps, refresh=False)
             if every(args.eval_freq):
                 video = (f"videos/{run_name}", f"step{global_step}") if args.capture_video else None

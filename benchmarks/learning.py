@@ -248,7 +248,7 @@ def options(argv=None) -> argparse.Namespace:
     p.add_argument("--plot-only", action="store_true")
     p.add_argument("--no-plot", action="store_true", help="only run")
     o = p.parse_args(argv)
-    o.runs, o.results = str(Path(o.runs).resolve()), str(Path(o.results).resolve())
+    o.runs, o.results, o.qsm = (str(Path(x).resolve()) for x in (o.runs, o.results, o.qsm))  # runs start in o.runs
     Path(o.results).mkdir(parents=True, exist_ok=True)
     Path(o.runs).mkdir(parents=True, exist_ok=True)
     return o
