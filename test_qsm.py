@@ -845,3 +845,21 @@ def test_benchmark_speed_times_the_update(tmp_path):
     out = bench("speed.py", "--widths", "32", "--rounds", "1", "--per-round", "3", "--eager-only")
     row = next(line.split() for line in out.splitlines() if line.strip().startswith("32 "))
     assert float(row[3]) > 0 and "Acting: one DDPM sample" in out  # eager ms per update
+
+
+def test_benchmark_bandit_draws_the_sampled_actions(tmp_path):
+    out = bench("bandit.py", "--scales", "1", "--steps", "20", "--samples", "200", "--out", str(tmp_path / "b.csv"),
+                "--picture", str(tmp_path / "b.png"))
+    rows = list(csv.DictReader(open(tmp_path / "b.csv")))
+    assert len(rows) == 3 and (tmp_path / "b.png").stat().st_size > 10_000, out
+    assert all(0 <= float(r["at_bounds"]) <= 1 for r in rows)
+
+
+def test_policy_diagnostics_are_logged_and_exported(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_dir = qsm.main(small_args(seed=3))["run_dir"]
+    bench("diagnostics.py", str(tmp_path / run_dir), "--windows", "150-300", "--out", str(tmp_path / "d.csv"))
+    got = {r["tag"]: float(r["mean"]) for r in csv.DictReader(open(tmp_path / "d.csv"))}
+    for tag in ("policy/action_at_bounds", "policy/next_action_at_bounds", "policy/beats_random"):
+        assert 0 <= got[tag] <= 1, got
+    assert got["qsm/dq_da_norm"] > 0 and -1 <= got["qsm/score_alignment"] <= 1, got
