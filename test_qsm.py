@@ -126,9 +126,9 @@ class AnalyticQ(nn.Module):
         return torch.stack([self.q_fn(s, a)] * 2)
 
 
-def train_qsm(q_fn, obs_dim, act_dim, steps, seed=0, sample_states=None):
+def train_qsm(q_fn, obs_dim, act_dim, steps, seed=0, sample_states=None, **flags):
     torch.manual_seed(seed)
-    args = qsm.Args()  # the default QSM flags: M_q, normalized ∇ₐQ, T = 5, vp schedule (a smaller, faster net)
+    args = qsm.Args(**flags)  # the default QSM flags: M_q, normalized ∇ₐQ, T = 5, vp schedule (a smaller, faster net)
     sched = qsm.Schedule(args.beta_schedule, args.diffusion_steps, torch.device("cpu"))
     den = qsm.Denoiser(obs_dim, act_dim, (128, 128), 64)
     untrained = qsm.Denoiser(obs_dim, act_dim, (128, 128), 64)
@@ -169,6 +169,19 @@ def test_sampled_actions_land_near_argmax_q_at_every_critic_scale(k):
     assert dist <= dist_uniform / 3, (dist, dist_uniform)
     assert at_bounds < 0.1, at_bounds
     assert (qsm.ddpm_sample(untrained, sched, s, 2) - mu(s)).norm(dim=-1).mean().item() > dist_uniform / 2  # it learned
+
+
+def test_the_papers_target_saturates_the_sampler_at_mujoco_scale():
+    # what the default's tests guard against: ρ = 1 and M_q = 5 (our former Gym MuJoCo default) at k = 3
+    W = torch.randn(4, 2, generator=torch.Generator().manual_seed(1))
+    mu = lambda s: 0.6 * torch.tanh(s @ W)
+    den, _, sched, _ = train_qsm(lambda s, a: -3.0 * ((a - mu(s)) ** 2).sum(-1), 4, 2, steps=1500,
+                                 normalize_q_grad=False, q_grad_scale=5.0)
+    torch.manual_seed(123)
+    s = torch.randn(2048, 4)
+    a = qsm.ddpm_sample(den, sched, s, 2)
+    dist_uniform = (torch.rand_like(a) * 2 - 1 - mu(s)).norm(dim=-1).mean().item()
+    assert (a.abs() >= 1).float().mean().item() > 0.5 and (a - mu(s)).norm(dim=-1).mean().item() > dist_uniform
 
 
 @pytest.mark.parametrize("k", SCALES)
@@ -323,7 +336,7 @@ def test_main_logs_saves_and_reloads(tmp_path, monkeypatch, capsys):
     tags = set(ea.Tags()["scalars"])
     expected = {"charts/episodic_return", "charts/episodic_length", "charts/SPS", "losses/qf1_loss", "losses/qf2_loss",
                 "losses/qf1_values", "losses/actor_loss", "qsm/score_alignment", "qsm/dq_da_norm", "qsm/eps_norm",
-                "eval/episodic_return"}
+                "eval/episodic_return", "policy/action_at_bounds", "policy/next_action_at_bounds", "policy/beats_random"}
     assert expected <= tags, expected - tags
     assert len(ea.Scalars("eval/episodic_return")) == 2
     assert all(np.isfinite(e.value) for e in ea.Scalars("losses/actor_loss"))
@@ -331,7 +344,7 @@ def test_main_logs_saves_and_reloads(tmp_path, monkeypatch, capsys):
     ckpt = glob.glob(f"{out['run_dir']}/qsm.pt")[0]
     sd = torch.load(ckpt, weights_only=True)
     assert torch.equal(sd["denoiser"]["net.0.weight"], out["denoiser"].state_dict()["net.0.weight"])
-    # architecture flags come from the checkpoint, so the defaults (512 wide) must not matter here
+    # architecture flags come from the checkpoint, so the defaults (256 wide) must not matter here
     ev = qsm.main(qsm.Args(env_id="Pendulum-v1", checkpoint=ckpt, eval_only=True, eval_episodes=2, cuda=False,
                            compile=False))
     assert len(ev["eval_returns"]) == 2 and all(-2000 < r <= 0 for r in ev["eval_returns"])
