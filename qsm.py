@@ -289,7 +289,7 @@ def ddpm_sample(denoiser: Denoiser, sched: Schedule, s: torch.Tensor, act_dim: i
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Losses. Critic: clipped double-Q TD target. Actor: Q-score matching, ‖ε_θ(s, aₜ, t) + M_q·∇ₐQ(s, aₜ)‖².
+# Losses. Critic: clipped double-Q TD target. Actor: Q-score matching, ‖ε_θ(s, aₜ, t) + M_q·∇ₐQ(s, aₜ)/ρ‖².
 # ---------------------------------------------------------------------------------------------------------------
 def critic_loss(qf, qf_target, denoiser, sched, batch, args: Args):
     with torch.no_grad():
@@ -312,9 +312,9 @@ def qsm_loss(denoiser, qf, sched, batch, args: Args):
     a_t = ab.sqrt() * a0 + (1 - ab).sqrt() * torch.randn_like(a0)  # forward process q(aₜ|a₀)
     with torch.no_grad():  # ∇ₐQ(s, aₜ) of the mean of both critics: a fixed target, no gradient reaches the critics
         dq_da = torch.func.grad(lambda a: qf(s, a).mean(0).sum())(a_t)
-        rms = dq_da.pow(2).mean().sqrt() if args.normalize_q_grad else torch.ones(())  # RMS(∇ₐQ): Q's scale
+        rho = dq_da.pow(2).mean().sqrt() + 1e-8 if args.normalize_q_grad else 1.0  # ρ = RMS(∇ₐQ), Q's scale (paper: 1)
     eps = denoiser(s, a_t, t)  # ε_θ(s, aₜ, t)
-    loss = ((eps + args.q_grad_scale * dq_da / (rms + 1e-8)) ** 2).sum(-1).mean()  # ‖ε_θ + M_q ∇ₐQ/RMS(∇ₐQ)‖²
+    loss = ((eps + args.q_grad_scale * dq_da / rho) ** 2).sum(-1).mean()  # ‖ε_θ + M_q ∇ₐQ/ρ‖²
     with torch.no_grad():  # diagnostics: the score -ε_θ should point along ∇ₐQ
         align = F.cosine_similarity(-eps, dq_da, dim=-1).mean()
         diag = {"losses/actor_loss": loss.detach(), "qsm/score_alignment": align,
