@@ -868,9 +868,13 @@ def test_benchmark_bandit_draws_the_sampled_actions(tmp_path):
     assert all(0 <= float(r["at_bounds"]) <= 1 for r in rows)
 
 
-def test_policy_diagnostics_are_logged_and_exported(tmp_path, monkeypatch):
+def test_policy_diagnostics_are_logged_and_exported_and_the_final_policy_evaluated(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    run_dir = qsm.main(small_args(seed=3))["run_dir"]
+    run_dir = qsm.main(small_args(seed=3, checkpoint_freq=300))["run_dir"]
+    bench("evaluate.py", str(tmp_path / run_dir), "--temperatures", "0", "1", "--episodes", "1", "--out",
+          str(tmp_path / "e.csv"))
+    rows = list(csv.DictReader(open(tmp_path / "e.csv")))
+    assert [float(r["temperature"]) for r in rows] == [0, 1] and all(-2000 < float(r["mean"]) <= 0 for r in rows)
     bench("diagnostics.py", str(tmp_path / run_dir), "--windows", "150-300", "--out", str(tmp_path / "d.csv"))
     got = {r["tag"]: float(r["mean"]) for r in csv.DictReader(open(tmp_path / "d.csv"))}
     for tag in ("policy/action_at_bounds", "policy/next_action_at_bounds", "policy/beats_random"):

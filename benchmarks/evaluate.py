@@ -1,0 +1,44 @@
+"""Evaluate the final policies of finished runs at several DDPM temperatures (0 = no noise injected in the reverse
+steps; no exploration noise in any case) and write one CSV row per run and temperature.
+
+    python benchmarks/evaluate.py benchmarks/.runs/runs/Walker2d-v4__* --temperatures 0 1 --out benchmarks/results/eval.csv
+"""
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import qsm  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", help="run folders holding a checkpoint.pt")
+    p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--out", required=True)
+    o = p.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    for run in o.runs:
+        ckpt = str(Path(run) / "checkpoint.pt")
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        for temp in o.temperatures:
+            args = qsm.Args(env_id=saved["args"]["env_id"], seed=saved["args"]["seed"], checkpoint=ckpt, eval_only=True,
+                            eval_episodes=o.episodes, ddpm_temperature=temp, cuda=False, compile=False)
+            returns = qsm.main(args)["eval_returns"]
+            rows.append(dict(run=Path(run).name, step=saved["global_step"], temperature=temp,
+                             mean=round(float(np.mean(returns)), 1), std=round(float(np.std(returns)), 1)))
+    with open(o.out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
