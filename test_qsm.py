@@ -148,24 +148,35 @@ def train_qsm(q_fn, obs_dim, act_dim, steps, seed=0, sample_states=None, **flags
 # Critic scales: Q = -k‖a - μ(s)‖² with k = 0.03, 0.3, 3 gives a mean ‖∇ₐQ‖ of ≈ 0.06, 0.6 and 6 (max ≈ 15) at the
 # noised buffer actions: DeepMind Control's range (rewards ≤ 1/step) to Gym MuJoCo's (≈ 5/step). Default QSM flags.
 SCALES = [0.03, 0.3, 3.0]
+W_MU = torch.randn(4, 2, generator=torch.Generator().manual_seed(1))
+
+
+def mu(s):  # argmax of the state-dependent critics below: a smooth map from 4-D states into [-0.6, 0.6]²
+    return 0.6 * torch.tanh(s @ W_MU)
+
+
+def quadratic_q(k):
+    return lambda s, a: -k * ((a - mu(s)) ** 2).sum(-1)
+
+
+def sampled_actions_vs_argmax(den, sched, s) -> tuple[float, float, float]:
+    """The acting sampler (T reverse steps, injected noise, clipped) at states s: mean distance of its actions to
+    argmax Q, the same for uniform random actions, and the share of coordinates at ±1."""
+    a = qsm.ddpm_sample(den, sched, s, 2)
+    dist_uniform = (torch.rand_like(a) * 2 - 1 - mu(s)).norm(dim=-1).mean().item()
+    return (a - mu(s)).norm(dim=-1).mean().item(), dist_uniform, (a.abs() >= 1).float().mean().item()
 
 
 @pytest.mark.parametrize("k", SCALES)
 def test_sampled_actions_land_near_argmax_q_at_every_critic_scale(k):
-    W = torch.randn(4, 2, generator=torch.Generator().manual_seed(1))
-    mu = lambda s: 0.6 * torch.tanh(s @ W)
-    q_fn = lambda s, a: -k * ((a - mu(s)) ** 2).sum(-1)
-    den, untrained, sched, args = train_qsm(q_fn, 4, 2, steps=1500)
+    den, untrained, sched, args = train_qsm(quadratic_q(k), 4, 2, steps=1500)
 
     torch.manual_seed(123)  # fresh points, through the loss' own forward process
     s, a0 = torch.randn(2048, 4), torch.rand(2048, 2) * 2 - 1
-    _, diag = qsm.qsm_loss(den, AnalyticQ(q_fn), sched, {"obs": s, "actions": a0}, args)
+    _, diag = qsm.qsm_loss(den, AnalyticQ(quadratic_q(k)), sched, {"obs": s, "actions": a0}, args)
     assert diag["qsm/score_alignment"] >= 0.97, diag["qsm/score_alignment"]
 
-    a = qsm.ddpm_sample(den, sched, s, 2)  # the acting sampler: T reverse steps, injected noise, clipped
-    dist = (a - mu(s)).norm(dim=-1).mean().item()
-    dist_uniform = (torch.rand_like(a) * 2 - 1 - mu(s)).norm(dim=-1).mean().item()
-    at_bounds = (a.abs() >= 1).float().mean().item()
+    dist, dist_uniform, at_bounds = sampled_actions_vs_argmax(den, sched, s)
     assert dist <= dist_uniform / 3, (dist, dist_uniform)
     assert at_bounds < 0.1, at_bounds
     assert (qsm.ddpm_sample(untrained, sched, s, 2) - mu(s)).norm(dim=-1).mean().item() > dist_uniform / 2  # it learned
@@ -173,15 +184,10 @@ def test_sampled_actions_land_near_argmax_q_at_every_critic_scale(k):
 
 def test_the_papers_target_saturates_the_sampler_at_mujoco_scale():
     # what the default's tests guard against: ρ = 1 and M_q = 5 (our former Gym MuJoCo default) at k = 3
-    W = torch.randn(4, 2, generator=torch.Generator().manual_seed(1))
-    mu = lambda s: 0.6 * torch.tanh(s @ W)
-    den, _, sched, _ = train_qsm(lambda s, a: -3.0 * ((a - mu(s)) ** 2).sum(-1), 4, 2, steps=1500,
-                                 normalize_q_grad=False, q_grad_scale=5.0)
+    den, _, sched, _ = train_qsm(quadratic_q(3.0), 4, 2, steps=1500, normalize_q_grad=False, q_grad_scale=5.0)
     torch.manual_seed(123)
-    s = torch.randn(2048, 4)
-    a = qsm.ddpm_sample(den, sched, s, 2)
-    dist_uniform = (torch.rand_like(a) * 2 - 1 - mu(s)).norm(dim=-1).mean().item()
-    assert (a.abs() >= 1).float().mean().item() > 0.5 and (a - mu(s)).norm(dim=-1).mean().item() > dist_uniform
+    dist, dist_uniform, at_bounds = sampled_actions_vs_argmax(den, sched, torch.randn(2048, 4))
+    assert at_bounds > 0.5 and dist > dist_uniform, (at_bounds, dist, dist_uniform)
 
 
 @pytest.mark.parametrize("k", SCALES)
@@ -199,8 +205,7 @@ def test_two_equal_optima_give_a_bimodal_policy_at_every_critic_scale(k):
 
 def test_qsm_target_does_not_depend_on_the_scale_of_q():
     # the normalized target M_q·∇ₐQ/RMS(∇ₐQ) is the same for Q and 1000·Q; the paper's (--no-normalize-q-grad) is not
-    W = torch.randn(4, 2, generator=torch.Generator().manual_seed(1))
-    q_fn = lambda s, a: -((a - torch.tanh(s @ W)) ** 2).sum(-1) + (s * a.sum(-1, keepdim=True)).sum(-1)
+    q_fn = lambda s, a: quadratic_q(1.0)(s, a) + (s * a.sum(-1, keepdim=True)).sum(-1)
     den, sched = qsm.Denoiser(4, 2, (32, 32), 8), qsm.Schedule("vp", 5, torch.device("cpu"))
     batch = {"obs": torch.randn(64, 4), "actions": torch.rand(64, 2) * 2 - 1}
 
