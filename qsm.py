@@ -109,8 +109,9 @@ class Args:
     """scale of the noise injected at each reverse step ("ddpm_temperature" in the official code)"""
     clip_sampler: bool = True
     """clip the action to [-1, 1] after every reverse step ("clip_sampler" in the official code)"""
-    exploration_noise: float = 0.1
-    """std of the Gaussian noise added to sampled actions when acting"""
+    exploration_noise: float = 0.0
+    """std of the Gaussian noise added to sampled actions when acting (official: 0.1; the DDPM sample explores by
+    itself, and without the noise the probes learned as well or better: README, exploration study)"""
     target_noise: float = 0.1
     """std of the Gaussian noise added to the sampled next action a' in the critic target"""
     eval_freq: int = 10_000
