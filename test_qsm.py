@@ -648,11 +648,11 @@ gym.register("QsmEndless-v0", entry_point=EndlessEnv)
 
 def test_env_without_render_mode_or_time_limit_trains_and_evaluates(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    out = qsm.main(small_args(env_id="QsmEndless-v0", total_timesteps=1100, learning_starts=100, eval_freq=1100,
-                              eval_episodes=2))
+    out = qsm.main(small_args(env_id="QsmEndless-v0", total_timesteps=1100, learning_starts=1000, eval_freq=1100,
+                              eval_episodes=1))
     assert scalars(out["run_dir"], "charts/episodic_length") == [(1000, qsm.TIME_LIMIT)]  # truncated at TIME_LIMIT
     (step, ret), = scalars(out["run_dir"], "eval/episodic_return")
-    assert step == 1100 and -qsm.TIME_LIMIT <= ret <= 0  # evaluation episodes end too (reward ≥ -1 per step)
+    assert step == 1100 and -qsm.TIME_LIMIT <= ret <= 0  # the evaluation episode ends too (reward ≥ -1 per step)
     assert out["rb"].terminated.sum() == 0  # truncation: the critic target bootstraps
 
 
