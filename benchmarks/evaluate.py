@@ -1,5 +1,6 @@
 """Evaluate the final policies of finished runs at several DDPM temperatures (0 = no noise injected in the reverse
-steps; no exploration noise in any case) and write one CSV row per run and temperature.
+steps; no exploration noise in any case) and write one CSV row per run and temperature. Re-running keeps the rows
+already in --out and evaluates only the (run, temperature) pairs missing there, so runs can be added as they finish.
 
     python benchmarks/evaluate.py benchmarks/.runs/runs/Walker2d-v4__* --temperatures 0 1 --out benchmarks/results/eval.csv
 """
@@ -24,18 +25,24 @@ def main():
     p.add_argument("--out", required=True)
     o = p.parse_args()
     torch.set_num_threads(1)
-    rows = []
+    rows = list(csv.DictReader(open(o.out))) if Path(o.out).exists() else []
+    done = {(r["run"], float(r["temperature"])) for r in rows}
     for run in o.runs:
         ckpt = str(Path(run) / "checkpoint.pt")
         saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if saved["global_step"] < saved["args"]["total_timesteps"]:
+            print(f"skip {run}: its checkpoint is at step {saved['global_step']} of {saved['args']['total_timesteps']}")
+            continue
         for temp in o.temperatures:
+            if (Path(run).name, temp) in done:
+                continue
             args = qsm.Args(env_id=saved["args"]["env_id"], seed=saved["args"]["seed"], checkpoint=ckpt, eval_only=True,
                             eval_episodes=o.episodes, ddpm_temperature=temp, cuda=False, compile=False)
             returns = qsm.main(args)["eval_returns"]
             rows.append(dict(run=Path(run).name, step=saved["global_step"], temperature=temp,
                              mean=round(float(np.mean(returns)), 1), std=round(float(np.std(returns)), 1)))
     with open(o.out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=["run", "step", "temperature", "mean", "std"])
         w.writeheader()
         w.writerows(rows)
 
