@@ -882,8 +882,8 @@ def test_policy_diagnostics_are_logged_and_exported_and_the_final_policy_evaluat
     assert [float(r["temperature"]) for r in rows] == [0, 1] and all(-2000 < float(r["mean"]) <= 0 for r in rows)
     bench("evaluate.py", str(tmp_path / run_dir), "--temperatures", "1", "0.5", "--episodes", "1", "--out",
           str(tmp_path / "e.csv"))  # resumes: keeps both rows, evaluates only temperature 0.5
-    assert list(csv.DictReader(open(tmp_path / "e.csv")))[:2] == rows
-    assert [float(r["temperature"]) for r in csv.DictReader(open(tmp_path / "e.csv"))] == [0, 1, 0.5]
+    again = list(csv.DictReader(open(tmp_path / "e.csv")))
+    assert again[:2] == rows and [float(r["temperature"]) for r in again] == [0, 1, 0.5]
     bench("diagnostics.py", str(tmp_path / run_dir), "--windows", "150-300", "--out", str(tmp_path / "d.csv"))
     got = {r["tag"]: float(r["mean"]) for r in csv.DictReader(open(tmp_path / "d.csv"))}
     for tag in ("policy/action_at_bounds", "policy/next_action_at_bounds", "policy/beats_random"):

@@ -28,14 +28,15 @@ def main():
     rows = list(csv.DictReader(open(o.out))) if Path(o.out).exists() else []
     done = {(r["run"], float(r["temperature"])) for r in rows}
     for run in o.runs:
+        todo = [t for t in o.temperatures if (Path(run).name, t) not in done]
+        if not todo:  # all in --out already: no need to load the checkpoint (it holds the replay buffer)
+            continue
         ckpt = str(Path(run) / "checkpoint.pt")
         saved = torch.load(ckpt, map_location="cpu", weights_only=True)
         if saved["global_step"] < saved["args"]["total_timesteps"]:
             print(f"skip {run}: its checkpoint is at step {saved['global_step']} of {saved['args']['total_timesteps']}")
             continue
-        for temp in o.temperatures:
-            if (Path(run).name, temp) in done:
-                continue
+        for temp in todo:
             args = qsm.Args(env_id=saved["args"]["env_id"], seed=saved["args"]["seed"], checkpoint=ckpt, eval_only=True,
                             eval_episodes=o.episodes, ddpm_temperature=temp, cuda=False, compile=False)
             returns = qsm.main(args)["eval_returns"]
