@@ -34,7 +34,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-COLORS = {"qsm": "tab:red", "sac": "tab:blue", "td3": "tab:green", "sac (CleanRL)": "tab:gray"}
+BASELINES = ["sac", "sac_zoo", "td3", "crossq"]  # benchmarks/baselines.py's arms
+COLORS = {"qsm": "tab:red", "sac": "tab:blue", "sac_zoo": "tab:cyan", "td3": "tab:green", "crossq": "tab:purple",
+          "sac (CleanRL)": "tab:gray"}
 
 
 def events(run_dir: str, tag: str):
@@ -74,7 +76,7 @@ def command(algo: str, env: str, seed: int, o) -> list[str]:
     if algo != "qsm":
         return [sys.executable, str(ROOT / "benchmarks" / "baselines.py"), "--algo", algo, "--env-id", env, "--seed",
                 str(seed), "--steps", str(o.steps), "--out", str(csv_path(algo, env, seed, o)), "--workdir",
-                str(Path(o.runs) / run_id(algo, env, seed, o)), "--checkpoint-freq",
+                str(Path(o.runs) / f"{run_id(algo, env, seed, o)}_{o.steps}"), "--checkpoint-freq",
                 str(o.checkpoint_freq), *o.baseline_extra.split()]
     ckpts = [f"{d}/checkpoint.pt" for d in qsm_run_dirs(env, seed, o) if os.path.exists(f"{d}/checkpoint.pt")]
     if ckpts:
@@ -224,7 +226,7 @@ def summarize(o):
 def options(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--envs", nargs="+", default=["Walker2d-v4", "Hopper-v4"])
-    p.add_argument("--algos", nargs="+", default=["qsm"], choices=["qsm", "sac", "td3"])
+    p.add_argument("--algos", nargs="+", default=["qsm"], choices=["qsm", *BASELINES])
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--steps", type=int, default=100_000, help="transitions per run")
     p.add_argument("--tag", default="qsm", help="--exp-name of the QSM runs and prefix of their CSVs")
