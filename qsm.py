@@ -93,6 +93,9 @@ class Args:
     """hidden widths of the denoiser MLP (mish; official: 512 512, 2.6× the compute for no gain by 50k: README)"""
     critic_hidden_dims: tuple[int, ...] = (256, 256)
     """hidden widths of each critic MLP (relu; official: 512 512)"""
+    critic_norm: Literal["none", "batch"] = "none"
+    """"batch": CrossQ's critic (Bhatt et al., ICLR 2024): batch renormalisation before every layer, (s, a) and
+    (s', a') through the critic in one pass so that both share its statistics, and no target critics (--tau unused)"""
     time_dim: int = 64
     """size of the learnable Fourier features of the diffusion step t ("time_dim" in the official code)"""
     diffusion_steps: int = 5
@@ -213,21 +216,51 @@ class EnsembleLinear(nn.Module):
         return torch.baddbmm(self.bias, x, self.weight)
 
 
+class BatchRenorm(nn.Module):
+    """Batch renormalisation (Ioffe 2017) over the batch dimension of (E, B, D), as in CrossQ: in training mode the
+    batch's statistics, corrected towards the running ones (r, d) after `warmup` updates; in eval mode the running
+    statistics."""
+
+    def __init__(self, num: int, dim: int, momentum: float = 0.01, eps: float = 1e-3, warmup: int = 100_000):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(num, 1, dim)), nn.Parameter(torch.zeros(num, 1, dim))
+        self.register_buffer("running_mean", torch.zeros(num, 1, dim))
+        self.register_buffer("running_var", torch.ones(num, 1, dim))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.momentum, self.eps, self.warmup = momentum, eps, warmup
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        running_std = (self.running_var + self.eps).sqrt()
+        if not self.training:
+            return (x - self.running_mean) / running_std * self.weight + self.bias
+        mean, var = x.mean(1, keepdim=True), x.var(1, keepdim=True, unbiased=False)
+        std = (var + self.eps).sqrt()
+        warm = (self.steps >= self.warmup).float()  # r = 1, d = 0 (plain batch norm) during the warm-up
+        r = ((std / running_std).clamp(1 / 3, 3) * warm + 1 - warm).detach()
+        d = ((mean - self.running_mean) / running_std).clamp(-5, 5).mul(warm).detach()
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var, self.momentum)
+            self.steps += 1
+        return ((x - mean) / std * r + d) * self.weight + self.bias
+
+
 class TwinQ(nn.Module):
     """Q_φ1(s, a), Q_φ2(s, a) as one network with an ensemble dimension; forward returns (2, B)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: tuple[int, ...], num: int = 2):
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: tuple[int, ...], num: int = 2, norm: str = "none"):
         super().__init__()
         dims = (obs_dim + act_dim, *hidden_dims)
         self.hidden = nn.ModuleList(EnsembleLinear(num, i, o) for i, o in zip(dims[:-1], dims[1:]))
         self.out = EnsembleLinear(num, dims[-1], 1)
+        self.norms = nn.ModuleList(BatchRenorm(num, d) if norm == "batch" else nn.Identity() for d in dims)
         self.num = num
 
     def forward(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         x = torch.cat([s, a], dim=-1).expand(self.num, -1, -1)
-        for layer in self.hidden:
-            x = F.relu(layer(x))
-        return self.out(x).squeeze(-1)
+        for norm, layer in zip(self.norms, self.hidden):
+            x = F.relu(layer(norm(x)))
+        return self.out(self.norms[-1](x)).squeeze(-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -298,9 +331,13 @@ def critic_loss(qf, qf_target, denoiser, sched, batch, args: Args):
                              args.clip_sampler)  # a' ~ π(·|s')
         at_bounds = (next_a.abs() >= 1).float().mean()  # a saturated sampler puts most coordinates at ±1
         next_a = (next_a + args.target_noise * torch.randn_like(next_a)).clamp(-1, 1)
-        next_q = qf_target(batch["next_obs"], next_a).min(0).values  # min_i Q̄_i(s', a')
-        y = batch["rewards"] + args.gamma * (1 - batch["terminated"]) * next_q  # only `terminated` cuts bootstrap
-    q = qf(batch["obs"], batch["actions"])  # (2, B)
+    if args.critic_norm == "batch":  # CrossQ: Q(s, a) and Q(s', a') in one pass of the critic, no target critic
+        q, next_q = qf(torch.cat([batch["obs"], batch["next_obs"]]), torch.cat([batch["actions"], next_a])).chunk(2, 1)
+    else:
+        q, next_q = qf(batch["obs"], batch["actions"]), qf_target(batch["next_obs"], next_a)  # Q, Q̄: (2, B)
+    with torch.no_grad():
+        y = batch["rewards"] + args.gamma * (1 - batch["terminated"]) * next_q.min(0).values  # min_i Q̄_i(s', a');
+        # only `terminated` cuts the bootstrap
     per_q = ((q - y) ** 2).mean(1)
     return per_q.sum(), {"losses/qf1_loss": per_q[0].detach(), "losses/qf2_loss": per_q[1].detach(),
                          "losses/qf1_values": q[0].mean().detach(), "policy/next_action_at_bounds": at_bounds}
@@ -328,7 +365,9 @@ def policy_diagnostics(denoiser, qf, sched, s: torch.Tensor, act_dim: int, args:
     """What the acting sampler does at buffer states: the share of action coordinates it puts at ±1, and how often
     its action beats a uniform random one under Q (≈ 1 for a policy that follows Q; ≤ 0.5 for a degenerate one)."""
     a = ddpm_sample(denoiser, sched, s, act_dim, args.ddpm_temperature, args.clip_sampler)
+    qf.eval()
     q_policy, q_random = qf(s, a).mean(0), qf(s, torch.rand_like(a) * 2 - 1).mean(0)
+    qf.train()
     return {"policy/action_at_bounds": (a.abs() >= 1).float().mean(),
             "policy/beats_random": (q_policy > q_random).float().mean()}
 
@@ -348,11 +387,14 @@ def make_update(denoiser, denoiser_target, qf, qf_target, q_opt, actor_opt, sche
         q_opt.zero_grad()
         q_loss.backward()
         q_opt.step()
+        qf.eval()  # ∇ₐQ with the critic's running statistics (only batch renormalisation has any)
         actor_loss, a_info = a_loss(denoiser, qf, sched, batch, args)
+        qf.train()
         actor_opt.zero_grad()
         actor_loss.backward()
         actor_opt.step()
-        polyak_update(qf, qf_target, args.tau)
+        if args.critic_norm != "batch":
+            polyak_update(qf, qf_target, args.tau)
         if denoiser_target is not denoiser:
             polyak_update(denoiser, denoiser_target, args.actor_tau)
         return {**q_info, **a_info}
@@ -620,8 +662,9 @@ def prepare(args: Args):
         if c:
             check_fits(c, path, args.env_id, (obs_dim, act_dim))
     if ckpt:  # the architecture comes from the checkpoint
-        for k in ("actor_hidden_dims", "critic_hidden_dims", "time_dim", "diffusion_steps", "beta_schedule"):
-            setattr(args, k, ckpt["args"][k])
+        for k in ("actor_hidden_dims", "critic_hidden_dims", "critic_norm", "time_dim", "diffusion_steps",
+                  "beta_schedule"):
+            setattr(args, k, ckpt["args"].get(k, getattr(Args, k)))
     return args, resume, ckpt, obs_dim, act_dim
 
 
@@ -636,8 +679,8 @@ def train(args: Args, resume: Optional[dict], ckpt: Optional[dict], obs_dim: int
 
     sched = Schedule(args.beta_schedule, args.diffusion_steps, device)
     denoiser = Denoiser(obs_dim, act_dim, args.actor_hidden_dims, args.time_dim).to(device)
-    qf = TwinQ(obs_dim, act_dim, args.critic_hidden_dims).to(device)
-    qf_target = TwinQ(obs_dim, act_dim, args.critic_hidden_dims).to(device)
+    qf = TwinQ(obs_dim, act_dim, args.critic_hidden_dims, norm=args.critic_norm).to(device)
+    qf_target = TwinQ(obs_dim, act_dim, args.critic_hidden_dims, norm=args.critic_norm).to(device)
     if ckpt:
         denoiser.load_state_dict(ckpt.get("denoiser_target", ckpt["denoiser"]))  # the policy that acted
         qf.load_state_dict(ckpt["qf"])
