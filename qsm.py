@@ -3,6 +3,7 @@
 # arXiv 2312.11752. Official JAX code: github.com/Alescontrela/score_matching_rl. Run: python qsm.py --env-id Walker2d-v4
 import contextlib
 import copy
+import fcntl
 import functools
 import importlib.util
 import itertools
@@ -272,7 +273,7 @@ class ReplayBuffer:
     def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
         need = 4 * capacity * (2 * obs_dim + act_dim + 2)  # bytes
         try:  # np.full, not np.zeros: it writes every page now, so a buffer too big for RAM fails here, not hours later
-            if need > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):
+            if need > total_memory():
                 raise MemoryError
             self.obs = np.full((capacity, obs_dim), 0, np.float32)
             self.next_obs = np.full((capacity, obs_dim), 0, np.float32)
@@ -420,6 +421,13 @@ def check_args(args: Args):
         (a.num_envs >= 1 and a.batch_size >= 1 and a.utd_ratio >= 1 and a.diffusion_steps >= 1,
          "--num-envs, --batch-size, --utd-ratio and --diffusion-steps must be ≥ 1"),
         (a.batch_size <= a.buffer_size, f"--batch-size {a.batch_size} is larger than --buffer-size {a.buffer_size}"),
+        (a.total_timesteps % a.num_envs == 0,
+         f"--total-timesteps {a.total_timesteps} is not a multiple of --num-envs {a.num_envs}"),
+        (a.diffusion_steps <= 1000 and a.num_envs <= 4096, "--diffusion-steps must be ≤ 1000 (DDPM's T) and "
+         "--num-envs ≤ 4096: each costs memory and time per action"),
+        (network_bytes(a) < total_memory() / 4, f"networks of widths {a.actor_hidden_dims}, {a.critic_hidden_dims} "
+         f"and --time-dim {a.time_dim} need {network_bytes(a) / 2**30:.1f} GiB with their optimizer states, more than "
+         f"a quarter of this machine's memory"),
         (a.learning_starts >= 0, f"--learning-starts must be ≥ 0 (got {a.learning_starts})"),
         (a.eval_only or a.learning_starts < a.total_timesteps,
          f"--learning-starts {a.learning_starts} ≥ --total-timesteps {a.total_timesteps}: no update would run"),
@@ -443,6 +451,18 @@ def check_args(args: Args):
     for ok, msg in checks:
         if not ok:
             fail(msg)
+
+
+def total_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def network_bytes(a: Args, obs_act: int = 1024) -> int:
+    """A bound on the bytes of parameters, gradients, Adam moments and targets (×5), for observations and actions
+    of up to obs_act numbers (the env is not made yet)."""
+    widths = lambda first, hidden: list(zip((first, *hidden), (*hidden, obs_act)))  # noqa: E731
+    params = sum(i * o for i, o in widths(obs_act + 128, a.actor_hidden_dims) + widths(obs_act, a.critic_hidden_dims) * 2)
+    return 5 * 4 * (params + 128 * a.time_dim)
 
 
 TIME_LIMIT = 1000  # steps per episode for envs registered without one (MuJoCo's and DeepMind Control's length)
@@ -484,7 +504,9 @@ def check_env(args: Args) -> tuple[int, int]:
             fail(f"{args.env_id} has observations {obs_space}; QSM here needs a flat (1-D) Box observation space")
         try:
             env.reset(seed=args.seed)
-            env.step(to_env_action(np.zeros(act.shape), act))
+            reward = env.step(to_env_action(np.zeros(act.shape), act))[1]
+            if np.ndim(reward) != 0:
+                raise ValueError(f"step() returned a reward of shape {np.shape(reward)}; a scalar is needed")
             if render and not isinstance(env.render(), np.ndarray):
                 raise RuntimeError("render() gave no frame")
         except Exception as e:
@@ -500,9 +522,12 @@ def to_env_action(a: np.ndarray, space: gym.spaces.Box) -> np.ndarray:
 
 
 def check_finite(source: str, step: int, last_ckpt: str, **fields: np.ndarray):
-    """Stop before a NaN or Inf reaches the env or the replay buffer (and through it every later checkpoint)."""
+    """Stop before a NaN or Inf reaches the env or the replay buffer (and through it every later checkpoint), checked
+    as float32, the buffer's type (1e39 is finite in float64, Inf in float32)."""
     for name, x in fields.items():
-        if not np.isfinite(x).all():
+        with np.errstate(over="ignore"):
+            finite = np.isfinite(np.asarray(x, dtype=np.float32)).all()
+        if not finite:
             fail(f"non-finite {name.replace('_', ' ')} from {source} at step {step}; it was not stored; last good "
                  f"checkpoint: {last_ckpt}")
 
@@ -558,6 +583,7 @@ def evaluate(denoiser, sched, args: Args, device, stop: Stop, video: Optional[tu
             s = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
             a = ddpm_sample(denoiser, sched, s, env.action_space.shape[0], args.ddpm_temperature, args.clip_sampler)
             obs, r, terminated, truncated, _ = env.step(to_env_action(a[0].cpu().numpy(), env.action_space))
+            check_finite(f"{args.env_id} (evaluation)", len(returns), "unchanged", reward=r, observation=obs)
             ep_return += float(r)
             done = terminated or truncated
         returns.append(ep_return)
@@ -605,6 +631,9 @@ def load_checkpoint(path: str, training: bool = False) -> dict:
         fail(f"{path} is not a checkpoint of this qsm.py (a file of another program, or of an older version)")
     if training and "rb" not in ckpt:
         fail(f"{path} holds only networks (--save-model); --resume needs a runs/<run>/checkpoint.pt")
+    missing = {"global_step", "num_updates", "recent_returns", "obs", "envs", "run_name"} - ckpt.keys() if training else ()
+    if missing:
+        fail(f"{path} does not fit this qsm.py: it has no {', '.join(sorted(missing))}")
     return ckpt
 
 
@@ -630,12 +659,42 @@ def make_run_dir(run_name: str) -> str:
     try:
         os.makedirs("runs", exist_ok=True)
         for i in itertools.count(1):
-            name = run_name if i == 1 else f"{run_name}_{i}"
+            path = f"runs/{run_name}" if i == 1 else f"runs/{run_name}_{i}"
             with contextlib.suppress(FileExistsError):
-                os.mkdir(f"runs/{name}")  # atomic: of two runs asking for one name, one gets it
-                return name
+                os.mkdir(path)  # atomic: of two runs asking for one name, one gets it
+                return path
     except OSError as e:
         fail(f"cannot make a run folder in {os.getcwd()}/runs: {first_line(e)}")
+
+
+def lock_run_dir(run_dir: str):
+    """One process per run: an OS lock on {run_dir}/lock, released when the file closes or the process dies."""
+    try:
+        f = open(f"{run_dir}/lock", "w")
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fail(f"another process is running the run in {run_dir}; wait for it to end or stop it first")
+    except OSError as e:
+        fail(f"cannot write to the run folder {run_dir}: {first_line(e)}")
+    return f
+
+
+def restore(objects: dict, state: dict, path: str):
+    """load_state_dict for each object; a checkpoint of another qsm.py version fails in one line saying what differs."""
+    for k, obj in objects.items():
+        if k not in state:
+            fail(f"{path} does not fit this qsm.py: it has no {k!r}")
+        if isinstance(obj, nn.Module):
+            ours, theirs = obj.state_dict(), state[k]
+            diff = [f"{n} missing" for n in ours.keys() - theirs.keys()] + [f"{n} unknown" for n in theirs.keys() - ours.keys()]
+            diff += [f"{n} is {tuple(theirs[n].shape)}, here {tuple(ours[n].shape)}" for n in ours.keys() & theirs.keys()
+                     if theirs[n].shape != ours[n].shape]
+            if diff:
+                fail(f"{path} does not fit this qsm.py: in {k}, {'; '.join(sorted(diff)[:4])}")
+        try:
+            obj.load_state_dict(state[k])
+        except Exception as e:
+            fail(f"{path} does not fit this qsm.py: {k}: {first_line(e)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -681,9 +740,9 @@ def train(args: Args, resume: Optional[dict], ckpt: Optional[dict], obs_dim: int
     denoiser = Denoiser(obs_dim, act_dim, args.actor_hidden_dims, args.time_dim).to(device)
     qf = TwinQ(obs_dim, act_dim, args.critic_hidden_dims, norm=args.critic_norm).to(device)
     qf_target = TwinQ(obs_dim, act_dim, args.critic_hidden_dims, norm=args.critic_norm).to(device)
-    if ckpt:
-        denoiser.load_state_dict(ckpt.get("denoiser_target", ckpt["denoiser"]))  # the policy that acted
-        qf.load_state_dict(ckpt["qf"])
+    if ckpt:  # the policy that acted, and its critic
+        restore(dict(denoiser=denoiser, qf=qf), dict(denoiser=ckpt.get("denoiser_target", ckpt["denoiser"]),
+                                                     qf=ckpt["qf"]), args.checkpoint)
     qf_target.load_state_dict(qf.state_dict())
     denoiser_target = copy.deepcopy(denoiser) if args.actor_tau < 1 else denoiser  # the denoiser that acts
 
@@ -715,8 +774,7 @@ def train(args: Args, resume: Optional[dict], ckpt: Optional[dict], obs_dim: int
     stateful = dict(denoiser=denoiser, denoiser_target=denoiser_target, qf=qf, qf_target=qf_target, q_opt=q_opt,
                     actor_opt=actor_opt, actor_sched=actor_sched, rb=rb, rng=rng)
     if resume:
-        for k, obj in stateful.items():
-            obj.load_state_dict(resume[k])
+        restore(stateful, resume, args.resume)
         global_step, num_updates = resume["global_step"], resume["num_updates"]
         recent_returns.extend(resume["recent_returns"])
     if resume and resume["envs"] is not None:  # the episodes in flight continue exactly
@@ -724,6 +782,8 @@ def train(args: Args, resume: Optional[dict], ckpt: Optional[dict], obs_dim: int
         envs, obs = pickle.loads(resume["envs"]), resume["obs"].numpy()  # (pickle runs code: resume only your own files)
     else:  # a fresh run, or envs that cannot be saved (MuJoCo): new episodes, seeded by the step
         obs, _ = envs.reset(seed=args.seed + global_step)
+    last_ckpt = args.resume or "none yet"
+    check_finite(args.env_id, global_step, last_ckpt, reset_observation=obs)
     if args.compile:  # compile now (≈20 s on CPU) rather than at the first update, then put every state back
         saved = copy.deepcopy({k: obj.state_dict() for k, obj in stateful.items() if k != "rb"})
         print("qsm.py: compiling the update and the sampler (--no-compile skips this)", file=sys.stderr)
@@ -732,9 +792,11 @@ def train(args: Args, resume: Optional[dict], ckpt: Optional[dict], obs_dim: int
         for k, state in saved.items():
             stateful[k].load_state_dict(state)
 
-    run_name = resume["run_name"] if resume else make_run_dir(
+    run_dir = (os.path.dirname(args.resume) or ".") if resume else make_run_dir(  # a resume stays in its folder
         f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
-    ckpt_path, last_ckpt = f"runs/{run_name}/checkpoint.pt", args.resume or "none yet"
+    run_name = resume["run_name"] if resume else os.path.basename(run_dir)
+    lock = lock_run_dir(run_dir)
+    ckpt_path = f"{run_dir}/checkpoint.pt"
 
     def checkpoint() -> dict:
         return {"args": vars(args), "dims": (obs_dim, act_dim), "run_name": run_name,
@@ -760,7 +822,7 @@ def train(args: Args, resume: Optional[dict], ckpt: Optional[dict], obs_dim: int
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True)
     # on resume, purge_step drops what the interrupted run logged after its checkpoint, so the curve has no overlap
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step + 1 if resume else None)
+    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if resume else None)
     if not resume:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     pbar = tqdm.tqdm(total=args.total_timesteps, initial=global_step, unit="step", dynamic_ncols=True)
@@ -827,15 +889,22 @@ def train(args: Args, resume: Optional[dict], ckpt: Optional[dict], obs_dim: int
                   f"python qsm.py --resume {ckpt_path}", file=sys.stderr)
             sys.exit(128 + stop.signum)  # the shell's code for "killed by this signal": the run did not finish
         if args.save_model:
-            path = f"runs/{run_name}/qsm.pt"
+            path = f"{run_dir}/qsm.pt"
             save_checkpoint(path, {"args": vars(args), "dims": (obs_dim, act_dim), "qf": qf.state_dict(),
                                    "denoiser": denoiser_target.state_dict()})  # the denoiser that acts
             print(f"model saved to {path}; evaluate it with: python qsm.py --env-id {args.env_id} --checkpoint {path} --eval-only")
+    except Exception as e:  # an env that raises, a full disk, ...: one line; the last checkpoint stays whole
+        if os.environ.get("QSM_DEBUG"):
+            raise
+        fail(f"{first_line(e)} at step {global_step}; last good checkpoint: {last_ckpt} (QSM_DEBUG=1 shows the "
+             f"traceback)")
     finally:
         pbar.close()
         envs.close()
-        writer.close()  # flushes the event file
-    return {"rb": rb, "denoiser": denoiser, "qf": qf, "run_dir": f"runs/{run_name}", "num_updates": num_updates,
+        with contextlib.suppress(Exception):  # a full disk has been reported above
+            writer.close()  # flushes the event file
+        lock.close()
+    return {"rb": rb, "denoiser": denoiser, "qf": qf, "run_dir": run_dir, "num_updates": num_updates,
             "global_step": global_step, "episodic_returns": list(recent_returns)}
 
 

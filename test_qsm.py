@@ -381,6 +381,8 @@ def test_checkpoint_of_another_env_is_refused_in_one_line(flags, tmp_path, monke
 
 
 # --- bad input: one line `qsm.py: error: …`, exit status 1, before any run folder is made ---------------------------
+gym.register("QsmVectorReward-v0", entry_point=lambda: gym.wrappers.TransformReward(ProbeEnv(), lambda r: np.array([r])),
+             max_episode_steps=5)
 gym.register("Qsm2DAction-v0", entry_point=lambda: BadEnv(gym.spaces.Box(-1, 1, (3,)), gym.spaces.Box(-1, 1, (2, 2))))
 
 
@@ -408,6 +410,10 @@ gym.register("Qsm2DAction-v0", entry_point=lambda: BadEnv(gym.spaces.Box(-1, 1, 
     (dict(resume="nowhere.pt"), "cannot read checkpoint 'nowhere.pt'"),
     (dict(capture_video=True, env_id="QsmProbe-v0"), "cannot make environment 'QsmProbe-v0' to render (--capture-video)"),
     (dict(buffer_size=10**12, total_timesteps=10**12), "needs 33527.6 GiB, more than this machine has"),
+    (dict(diffusion_steps=10**8), "--diffusion-steps must be ≤ 1000"),
+    (dict(critic_hidden_dims=(10**6, 10**6)), "GiB with their optimizer states, more than a quarter"),
+    (dict(num_envs=3, total_timesteps=1001), "--total-timesteps 1001 is not a multiple of --num-envs 3"),
+    (dict(env_id="QsmVectorReward-v0"), "step() returned a reward of shape (1,); a scalar is needed"),
 ])
 def test_bad_input_fails_before_training(kw, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -472,14 +478,14 @@ def scalars(run_dir, tag) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload().Scalars(tag)]
 
 
-def keep_checkpoint_at(step: int, dest, monkeypatch):
-    """Also write the checkpoint of `step` to dest, as if the run had crashed just after saving it."""
+def keep_checkpoint_at(step: int, dest, monkeypatch):  # dest: a file name in the run folder
+    """Also write the checkpoint of `step` to dest in the run folder, as if the run had crashed just after saving it."""
     save = qsm.save_checkpoint
 
     def spy(path, state):
         save(path, state)
         if state["global_step"] == step:
-            save(str(dest), state)
+            save(os.path.join(os.path.dirname(path), dest), state)
 
     monkeypatch.setattr(qsm, "save_checkpoint", spy)
 
@@ -499,14 +505,14 @@ def test_resume_continues_the_run_exactly(actor_tau, tmp_path, monkeypatch, caps
     """Straight 800 steps vs the checkpoint at 400 resumed: Pendulum pickles with its state, so the resumed run is
     the same run: same parameters bit for bit, and one TensorBoard curve without overlap."""
     monkeypatch.chdir(tmp_path)
-    keep_checkpoint_at(400, tmp_path / "at400.pt", monkeypatch)
+    keep_checkpoint_at(400, "at400.pt", monkeypatch)
     straight = qsm.main(small_args(total_timesteps=800, learning_starts=200, checkpoint_freq=200, actor_tau=actor_tau))
     before = {tag: scalars(straight["run_dir"], tag) for tag in ("charts/episodic_return", "losses/actor_loss")}
-    ck = torch.load(tmp_path / "at400.pt", weights_only=True)
+    ck = torch.load(f"{straight['run_dir']}/at400.pt", weights_only=True)
     assert ck["envs"] is not None and (ck["global_step"], ck["num_updates"]) == (400, 200)
     assert ck["rb"]["size"] == 400  # one transition per step, the ends of Pendulum's 200-step episodes included
 
-    resumed = qsm.main(qsm.Args(resume=str(tmp_path / "at400.pt"), total_timesteps=5))  # flags from the checkpoint
+    resumed = qsm.main(qsm.Args(resume=f"{straight['run_dir']}/at400.pt", total_timesteps=5))  # flags from the checkpoint
     assert "ignoring total_timesteps" in capsys.readouterr().err
     assert resumed["run_dir"] == straight["run_dir"] and resumed["num_updates"] == 600
     assert torch.equal(flat_params(resumed["denoiser"], resumed["qf"]), flat_params(straight["denoiser"], straight["qf"]))
@@ -518,11 +524,11 @@ def test_resume_continues_the_run_exactly(actor_tau, tmp_path, monkeypatch, caps
 def test_resume_mujoco_starts_new_episodes(tmp_path, monkeypatch):
     """MuJoCo envs do not pickle with their state: all else is restored exactly, and the envs start new episodes."""
     monkeypatch.chdir(tmp_path)
-    keep_checkpoint_at(300, tmp_path / "at300.pt", monkeypatch)
+    keep_checkpoint_at(300, "at300.pt", monkeypatch)
     straight = qsm.main(small_args(env_id="Hopper-v4", total_timesteps=600, learning_starts=200, checkpoint_freq=300))
-    ck = torch.load(tmp_path / "at300.pt", weights_only=True)
+    ck = torch.load(f"{straight['run_dir']}/at300.pt", weights_only=True)
     assert ck["envs"] is None and ck["global_step"] == 300
-    resumed = qsm.main(qsm.Args(resume=str(tmp_path / "at300.pt")))
+    resumed = qsm.main(qsm.Args(resume=f"{straight['run_dir']}/at300.pt"))
     assert resumed["global_step"] == 600 and resumed["num_updates"] == straight["num_updates"] == 400
     a, b, n = straight["rb"], resumed["rb"], ck["rb"]["size"]
     assert np.array_equal(a.obs[:n], b.obs[:n]) and np.array_equal(a.actions[:n], b.actions[:n])
@@ -532,8 +538,9 @@ def test_resume_mujoco_starts_new_episodes(tmp_path, monkeypatch):
 
 
 class BrokenEnv(ProbeEnv):
-    """The probe env, whose reward (or observation) turns NaN (or infinite) after `broken_after` steps: a bug in a
-    user's env. A class attribute, so that a test can repair the env before resuming (it is not pickled)."""
+    """The probe env, which breaks after `broken_after` steps (a bug in a user's env): its reward turns NaN, its
+    observation infinite, or too large for float32 (1e39, finite in float64), or step raises. Class attributes, so
+    that a test can repair the env before resuming (they are not pickled)."""
 
     broken_after, field = 250, "reward"
 
@@ -544,27 +551,90 @@ class BrokenEnv(ProbeEnv):
         self.total += 1
         obs, r, terminated, truncated, info = super().step(action)
         if self.total > self.broken_after:
-            r, obs = (float("nan"), obs) if self.field == "reward" else (r, obs + np.array([0, 0, np.inf, 0]))
+            if self.field == "raise":
+                raise RuntimeError("the simulator is unstable")
+            r = float("nan") if self.field == "reward" else r
+            obs = obs + np.array([0, 0, {"observation": np.inf, "overflow": 1e39}.get(self.field, 0), 0])
         return obs, r, terminated, truncated, info
 
 
 gym.register("QsmBroken-v0", entry_point=BrokenEnv, max_episode_steps=5)
 
 
-@pytest.mark.parametrize("field", ["reward", "observation"])
-def test_non_finite_env_data_stops_before_the_replay_buffer(field, tmp_path, monkeypatch):
+@pytest.mark.parametrize("field", ["reward", "observation", "overflow", "raise"])
+def test_broken_env_stops_in_one_line_before_the_replay_buffer(field, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(BrokenEnv, "field", field)
     with pytest.raises(SystemExit) as e:
         qsm.main(small_args(env_id="QsmBroken-v0", total_timesteps=600, learning_starts=100, checkpoint_freq=200))
     path = glob.glob("runs/*/checkpoint.pt")[0]
-    assert str(e.value.code) == (f"qsm.py: error: non-finite {field} from QsmBroken-v0 at step 251; it was not "
-                                 f"stored; last good checkpoint: {path}")
+    what = {"reward": "reward", "raise": None}.get(field, "observation")
+    assert str(e.value.code) == (f"qsm.py: error: non-finite {what} from QsmBroken-v0 at step 251; it was not "
+                                 f"stored; last good checkpoint: {path}" if what else "qsm.py: error: RuntimeError: "
+                                 f"the simulator is unstable at step 250; last good checkpoint: {path} (QSM_DEBUG=1 "
+                                 f"shows the traceback)")
     ck = torch.load(path, weights_only=True)
     assert ck["global_step"] == 200 and all(torch.isfinite(ck["rb"][k]).all() for k in qsm.ReplayBuffer.FIELDS)
     monkeypatch.setattr(BrokenEnv, "broken_after", 10**9)  # the env repaired: the good checkpoint resumes to the end
     out = qsm.main(qsm.Args(resume=path))
     assert out["global_step"] == 600 and out["num_updates"] == 500 and np.isfinite(out["rb"].rewards).all()
+
+
+class HugeResetEnv(ProbeEnv):
+    def reset(self, *, seed=None, options=None):
+        obs, info = super().reset(seed=seed)
+        return obs + 1e39, info  # finite in float64, Inf in float32
+
+
+gym.register("QsmHugeReset-v0", entry_point=HugeResetEnv, max_episode_steps=5)
+
+
+def test_the_first_reset_observation_is_checked_as_float32(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        qsm.main(small_args(env_id="QsmHugeReset-v0"))
+    assert str(e.value.code) == ("qsm.py: error: non-finite reset observation from QsmHugeReset-v0 at step 0; it was "
+                                 "not stored; last good checkpoint: none yet")
+
+
+def test_one_process_per_run_and_resume_writes_to_the_checkpoints_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_dir = qsm.main(small_args(total_timesteps=300, checkpoint_freq=200))["run_dir"]
+    ckpt = str(tmp_path / run_dir / "checkpoint.pt")
+    lock = qsm.lock_run_dir(run_dir)  # as a process running the run would hold it
+    with pytest.raises(SystemExit) as e:
+        qsm.main(qsm.Args(resume=ckpt))
+    assert str(e.value.code) == (f"qsm.py: error: another process is running the run in {tmp_path / run_dir}; wait "
+                                 f"for it to end or stop it first")
+    lock.close()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # resumed from another folder: the run continues where it lives
+    out = qsm.main(qsm.Args(resume=ckpt))
+    assert out["run_dir"] == str(tmp_path / run_dir) and out["global_step"] == 300
+    assert os.listdir(tmp_path / "elsewhere") == [] and len(glob.glob(str(tmp_path / run_dir / "events.*"))) == 2
+
+
+def test_a_checkpoint_of_another_qsm_version_says_what_differs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_dir = qsm.main(small_args(total_timesteps=300, checkpoint_freq=200))["run_dir"]
+    good = torch.load(f"{run_dir}/checkpoint.pt", weights_only=True)
+    w = "hidden.0.weight"
+    variants = [  # (how the other version's checkpoint differs, what the one line says)
+        (lambda c: c["qf"].pop(w), f"in qf, {w} missing"),
+        (lambda c: c["qf"].update(extra=torch.zeros(1)), "in qf, extra unknown"),
+        (lambda c: c["qf"].update({w: torch.zeros(2, 5, 64)}), f"in qf, {w} is (2, 5, 64), here (2, 4, 32)"),
+        (lambda c: c.pop("rng"), "it has no 'rng'"),
+        (lambda c: c.pop("num_updates"), "it has no num_updates"),
+        (lambda c: c["q_opt"]["param_groups"].clear(), "q_opt: ValueError"),
+    ]
+    for change, message in variants:
+        bad = copy.deepcopy(good)
+        change(bad)
+        torch.save(bad, "other.pt")
+        with pytest.raises(SystemExit) as e:
+            qsm.main(qsm.Args(resume="other.pt"))
+        assert str(e.value.code).startswith("qsm.py: error: other.pt does not fit this qsm.py: ") and message in str(
+            e.value.code) and "\n" not in str(e.value.code), (message, e.value.code)
 
 
 @pytest.mark.parametrize("kw, message", [  # the first update after learning_starts sends a network to NaN:
@@ -836,7 +906,7 @@ def test_dm_control_task_end_to_end(tmp_path, monkeypatch):
     """DeepMind Control through shimmy: dict observations flattened, 1000-step episodes that end by truncation only
     (so every target bootstraps), updates, evaluation, checkpoint and resume."""
     monkeypatch.chdir(tmp_path)
-    keep_checkpoint_at(1050, tmp_path / "at1050.pt", monkeypatch)
+    keep_checkpoint_at(1050, "at1050.pt", monkeypatch)
     out = qsm.main(small_args(env_id="dm_control/walker-walk-v0", total_timesteps=1100, learning_starts=1000,
                               eval_freq=1100, eval_episodes=1, checkpoint_freq=1050))
     rb = out["rb"]
@@ -848,7 +918,7 @@ def test_dm_control_task_end_to_end(tmp_path, monkeypatch):
     assert 0 <= ret <= 1000  # DeepMind Control's rewards are in [0, 1]
     (step, eval_ret), = scalars(out["run_dir"], "eval/episodic_return")
     assert step == 1100 and 0 <= eval_ret <= 1000
-    resumed = qsm.main(qsm.Args(resume=str(tmp_path / "at1050.pt")))
+    resumed = qsm.main(qsm.Args(resume=f"{out['run_dir']}/at1050.pt"))
     assert resumed["global_step"] == 1100 and resumed["num_updates"] == 100 and resumed["run_dir"] == out["run_dir"]
 
 
