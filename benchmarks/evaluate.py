@@ -6,6 +6,7 @@ already in --out and evaluates only the (run, temperature) pairs missing there, 
 """
 import argparse
 import csv
+import os
 import sys
 from pathlib import Path
 
@@ -26,26 +27,41 @@ def main():
     o = p.parse_args()
     torch.set_num_threads(1)
     rows = list(csv.DictReader(open(o.out))) if Path(o.out).exists() else []
-    done = {(r["run"], float(r["temperature"])) for r in rows}
+    failed = []
     for run in o.runs:
-        todo = [t for t in o.temperatures if (Path(run).name, t) not in done]
+        todo = [t for t in dict.fromkeys(o.temperatures)
+                if (Path(run).name, t) not in {(r["run"], float(r["temperature"])) for r in rows}]
         if not todo:  # all in --out already: no need to load the checkpoint (it holds the replay buffer)
             continue
         ckpt = str(Path(run) / "checkpoint.pt")
-        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if saved["global_step"] < saved["args"]["total_timesteps"]:
-            print(f"skip {run}: its checkpoint is at step {saved['global_step']} of {saved['args']['total_timesteps']}")
+        try:
+            saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+            step, budget = saved["global_step"], saved["args"]["total_timesteps"]
+        except Exception as e:  # missing, truncated, another program's file
+            failed.append(f"evaluate.py: cannot read {ckpt}: {qsm.first_line(e)}")
+            print(failed[-1], file=sys.stderr)
+            continue
+        if step < budget:
+            print(f"skip {run}: its checkpoint is at step {step} of {budget}")
             continue
         for temp in todo:
             args = qsm.Args(env_id=saved["args"]["env_id"], seed=saved["args"]["seed"], checkpoint=ckpt, eval_only=True,
                             eval_episodes=o.episodes, ddpm_temperature=temp, cuda=False, compile=False)
             returns = qsm.main(args)["eval_returns"]
-            rows.append(dict(run=Path(run).name, step=saved["global_step"], temperature=temp,
+            rows.append(dict(run=Path(run).name, step=step, temperature=temp,
                              mean=round(float(np.mean(returns)), 1), std=round(float(np.std(returns)), 1)))
-    with open(o.out, "w", newline="") as f:
+            write(rows, o.out)  # after every evaluation: a later failure loses nothing
+    if failed:
+        sys.exit(f"evaluate.py: {len(failed)} run(s) could not be evaluated (listed above)")
+
+
+def write(rows: list[dict], out: str):
+    tmp = f"{out}.tmp"
+    with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["run", "step", "temperature", "mean", "std"])
         w.writeheader()
         w.writerows(rows)
+    os.replace(tmp, out)
 
 
 if __name__ == "__main__":

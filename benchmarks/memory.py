@@ -45,8 +45,13 @@ def main():
             break
         time.sleep(1)
     p.wait()
-    with open(out, "w", newline="") as f:
+    if p.returncode != 0 or not rows:  # a run that failed measures nothing: --out is left as it was
+        last = [l for l in "".join(err).replace("\r", "\n").splitlines() if l.strip()][-1:] or ["(no output)"]
+        sys.exit(f"memory.py: qsm.py exited with status {p.returncode}: {last[0][-300:]}; {out} is unchanged")
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
         csv.writer(f).writerows([("seconds", "step", "rss_mb"), *rows])
+    os.replace(tmp, out)
     total = max(r[1] for r in rows)
     at = lambda frac: next(r[2] for r in rows if r[1] >= frac * total)  # noqa: E731  (RSS when the run passed frac)
     print(f"qsm.py {' '.join(flags)}  (exit {p.returncode}, {len(rows)} samples, {out.name})")
