@@ -583,7 +583,8 @@ def evaluate(denoiser, sched, args: Args, device, stop: Stop, video: Optional[tu
             s = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
             a = ddpm_sample(denoiser, sched, s, env.action_space.shape[0], args.ddpm_temperature, args.clip_sampler)
             obs, r, terminated, truncated, _ = env.step(to_env_action(a[0].cpu().numpy(), env.action_space))
-            check_finite(f"{args.env_id} (evaluation)", len(returns), "unchanged", reward=r, observation=obs)
+            check_finite(f"{args.env_id} in evaluation episode {len(returns) + 1}", "its end", "unchanged", reward=r,
+                         observation=obs)
             ep_return += float(r)
             done = terminated or truncated
         returns.append(ep_return)

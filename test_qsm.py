@@ -580,6 +580,26 @@ def test_broken_env_stops_in_one_line_before_the_replay_buffer(field, tmp_path, 
     assert out["global_step"] == 600 and out["num_updates"] == 500 and np.isfinite(out["rb"].rewards).all()
 
 
+def test_a_broken_env_in_evaluation_and_a_full_disk_are_one_line_each(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_dir = qsm.main(small_args(env_id="QsmBroken-v0", total_timesteps=200, save_model=True))["run_dir"]
+    monkeypatch.setattr(BrokenEnv, "broken_after", 3)  # evaluation's env breaks at its 4th step
+    with pytest.raises(SystemExit) as e:
+        qsm.main(qsm.Args(env_id="QsmBroken-v0", checkpoint=f"{run_dir}/qsm.pt", eval_only=True, compile=False))
+    assert str(e.value.code) == ("qsm.py: error: non-finite reward from QsmBroken-v0 in evaluation episode 1 at step "
+                                 "its end; it was not stored; last good checkpoint: unchanged")
+
+    def full(self, *args, **kwargs):  # TensorBoard's writes hit a full disk after the first checkpoint
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(qsm.SummaryWriter, "add_scalar", full)
+    with pytest.raises(SystemExit) as e:
+        qsm.main(small_args(total_timesteps=300, log_freq=250, checkpoint_freq=100))
+    path = glob.glob("runs/Pendulum*/checkpoint.pt")[0]  # the episode's end at step 200 is the first scalar logged
+    assert str(e.value.code) == (f"qsm.py: error: OSError: [Errno 28] No space left on device at step 200; last good "
+                                 f"checkpoint: {path} (QSM_DEBUG=1 shows the traceback)")
+
+
 class HugeResetEnv(ProbeEnv):
     def reset(self, *, seed=None, options=None):
         obs, info = super().reset(seed=seed)
