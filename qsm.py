@@ -1,6 +1,7 @@
 # Q-Score Matching (QSM): a diffusion-model policy learned from rewards by matching its score to ∇ₐQ.
 # Psenka, Escontrela, Abbeel, Ma, "Learning a Diffusion Model Policy from Rewards via Q-Score Matching", ICML 2024,
 # arXiv 2312.11752. Official JAX code: github.com/Alescontrela/score_matching_rl. Run: python qsm.py --env-id Walker2d-v4
+# Part one (to the banner "the long-run machinery") is the algorithm; part two keeps long runs safe.
 import contextlib
 import copy
 import fcntl
@@ -16,7 +17,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -31,40 +32,11 @@ from torch.utils.tensorboard import SummaryWriter
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """name of this experiment (first part of run_name)"""
+    """name of this experiment (first part of the run's name)"""
     seed: int = 1
     """seed of python, numpy, torch and the environments"""
-    torch_deterministic: bool = True
-    """sets `torch.backends.cudnn.deterministic` (GPU); on CPU two runs of one seed are identical (tested)"""
-    cuda: bool = True
-    """use CUDA when a GPU is present (falls back to CPU with a message)"""
-    compile: bool = True
-    """torch.compile the losses and the sampler (inductor; ~20 s warm-up, needs a C++ compiler on CPU);
-    --no-compile runs the plain eager code"""
-    track: bool = False
-    """log to Weights & Biases as well as TensorBoard"""
-    wandb_project_name: str = "qsm"
-    """the wandb project name"""
-    wandb_entity: Optional[str] = None
-    """the wandb entity (team)"""
-    save_model: bool = False
-    """save a checkpoint to `runs/{run_name}/qsm.pt` at the end of training"""
-    checkpoint: Optional[str] = None
-    """path of a checkpoint to load (networks and their architecture flags)"""
-    eval_only: bool = False
-    """with --checkpoint: evaluate the loaded policy for --eval-episodes episodes and exit"""
-    checkpoint_freq: int = 100_000
-    """every this many env steps, and on Ctrl-C/SIGTERM/SIGHUP, save all a resumed run needs (networks, optimizers,
-    replay buffer, RNG states, step) to `runs/{run_name}/checkpoint.pt` (0 = only on a signal)"""
-    resume: Optional[str] = None
-    """continue the run saved in this checkpoint.pt: its flags (other flags are ignored), step and TensorBoard curve"""
-    capture_video: bool = False
-    """record the first episode of every evaluation to `videos/{run_name}/` (with moviepy; headless MuJoCo uses
-    MUJOCO_GL=egl, see README)"""
-
     env_id: str = "Walker2d-v4"
-    """the Gymnasium environment id (Box action space, flat Box or Dict observations), DeepMind Control's as
-    `dm_control/walker-walk-v0`; an env registered without a time limit gets one of 1000 steps"""
+    """Gymnasium env id (bounded Box actions, flat Box or Dict observations), e.g. `dm_control/walker-walk-v0`"""
     total_timesteps: int = 1_000_000
     """total environment steps, i.e. transitions, summed over all --num-envs copies"""
     num_envs: int = 1
@@ -82,21 +54,19 @@ class Args:
     tau: float = 0.005
     """Polyak rate τ of the target critics"""
     actor_tau: float = 1.0
-    """Polyak rate of a target denoiser that acts and samples a' in the critic target ("actor_tau" in the official
-    code, which uses 0.001); 1 = no target denoiser, ε_θ itself acts (our default, the one benchmarked: README)"""
+    """Polyak rate of a denoiser copy that acts and samples a' (official, earlier: 0.001); 1 = none: ε_θ acts"""
     critic_lr: float = 1e-3
-    """Adam learning rate of the twin critics (official: 3e-4; 1e-3, CleanRL SAC's, learned Hopper faster: README)"""
+    """Adam learning rate of the twin critics (official: 3e-4; 1e-3 is CleanRL SAC's)"""
     actor_lr: float = 3e-4
     """Adam learning rate of the denoiser ε_θ (initial value of its cosine decay)"""
     actor_lr_decay_steps: int = 2_000_000
     """updates over which the actor LR decays to 0 by a cosine ("decay_steps" in the official code; 0 = constant)"""
     actor_hidden_dims: tuple[int, ...] = (256, 256)
-    """hidden widths of the denoiser MLP (mish; official: 512 512, 2.6× the compute for no gain by 50k: README)"""
+    """hidden widths of the denoiser MLP (mish; official: 512 512)"""
     critic_hidden_dims: tuple[int, ...] = (256, 256)
     """hidden widths of each critic MLP (relu; official: 512 512)"""
     critic_norm: Literal["none", "batch"] = "none"
-    """"batch": CrossQ's critic (Bhatt et al., ICLR 2024): batch renormalisation before every layer, (s, a) and
-    (s', a') through the critic in one pass so that both share its statistics, and no target critics (--tau unused)"""
+    """"batch": CrossQ's critic (batch renormalisation, (s, a) and (s', a') in one pass, no target critics)"""
     time_dim: int = 64
     """size of the learnable Fourier features of the diffusion step t ("time_dim" in the official code)"""
     diffusion_steps: int = 5
@@ -104,18 +74,15 @@ class Args:
     beta_schedule: Literal["vp", "cosine", "linear"] = "vp"
     """noise schedule β₁..β_T ("beta_schedule" in the official code)"""
     q_grad_scale: float = 1.5
-    """M_q: the denoiser is regressed onto -M_q·∇ₐQ/RMS(∇ₐQ) ("M_q" in the official code, α in Alg. 1 of the paper);
-    dimensionless, the same for rewards of any scale (README: derivation, sampler tests)"""
+    """M_q: ε_θ is regressed onto -M_q·∇ₐQ/ρ ("M_q" in the official code, α in Alg. 1 of the paper)"""
     normalize_q_grad: bool = True
-    """divide ∇ₐQ by its root mean square over the batch and action coordinates (our default); --no-normalize-q-grad
-    regresses onto -M_q·∇ₐQ as the paper does, whose M_q then depends on the reward scale (official: 50 on DMC)"""
+    """ρ = RMS of ∇ₐQ over batch and action coordinates (M_q dimensionless); off: ρ = 1, the paper's (M_q = 50)"""
     ddpm_temperature: float = 1.0
     """scale of the noise injected at each reverse step ("ddpm_temperature" in the official code)"""
     clip_sampler: bool = True
     """clip the action to [-1, 1] after every reverse step ("clip_sampler" in the official code)"""
     exploration_noise: float = 0.0
-    """std of the Gaussian noise added to sampled actions when acting (official: 0.1; the DDPM sample explores by
-    itself, and without the noise the probes learned as well or better: README, exploration study)"""
+    """std of the Gaussian noise added to sampled actions when acting (official: 0.1; the DDPM sample explores)"""
     target_noise: float = 0.1
     """std of the Gaussian noise added to the sampled next action a' in the critic target"""
     eval_freq: int = 10_000
@@ -124,11 +91,34 @@ class Args:
     """episodes per evaluation (DDPM sampling, no exploration noise)"""
     log_freq: int = 250
     """log losses and QSM diagnostics every this many env steps"""
+    # bookkeeping and long runs
+    torch_deterministic: bool = True
+    """sets `torch.backends.cudnn.deterministic` (GPU); on CPU two runs of one seed are identical"""
+    cuda: bool = True
+    """use CUDA when a GPU is present (falls back to CPU with a message)"""
+    compile: bool = True
+    """torch.compile the losses and the sampler (inductor; a warm-up at start, needs a C++ compiler on CPU)"""
+    track: bool = False
+    """log to Weights & Biases as well as TensorBoard"""
+    wandb_project_name: str = "qsm"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+    capture_video: bool = False
+    """record the first episode of every evaluation to `videos/{run}/` (moviepy; headless MuJoCo: MUJOCO_GL=egl)"""
+    save_model: bool = False
+    """save the networks to `runs/{run}/qsm.pt` at the end of training"""
+    checkpoint: Optional[str] = None
+    """path of a checkpoint to load the networks (and their architecture flags) from"""
+    eval_only: bool = False
+    """with --checkpoint: evaluate the loaded policy for --eval-episodes episodes and exit"""
+    checkpoint_freq: int = 100_000
+    """save all a resumed run needs to `runs/{run}/checkpoint.pt` every this many steps (0: on a signal only)"""
+    resume: Optional[str] = None
+    """continue the run saved in this checkpoint.pt, in its folder, with its flags (other flags are ignored)"""
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Noise schedule: β_t, α_t = 1 - β_t, ᾱ_t = Π_{s≤t} α_s (DDPM, Ho et al. 2020). Index t = 0..T-1.
-# ---------------------------------------------------------------------------------------------------------------
+# --- Noise schedule: β_t, α_t = 1 - β_t, ᾱ_t = Π_{s≤t} α_s (DDPM, Ho et al. 2020); index t = 0..T-1 --------------
 def make_beta_schedule(name: str, T: int) -> torch.Tensor:
     if name == "vp":  # variance-preserving SDE discretised (Song et al. 2021), b_min = 0.1, b_max = 10
         t = torch.arange(1, T + 1, dtype=torch.float64)
@@ -158,12 +148,10 @@ class Schedule:
         self.sigmas = self.betas.sqrt().tolist()  # σ_t = √β_t
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Networks: the denoiser ε_θ(s, aₜ, t) and the twin critics Q_φ1, Q_φ2 (one ensemble network).
-# ---------------------------------------------------------------------------------------------------------------
+# --- Networks: the denoiser ε_θ(s, aₜ, t) and the twin critics Q_φ1, Q_φ2 (one ensemble network) ----------------
 class Mish(nn.Module):
-    """mish(x) = x·tanh(softplus(x)) = x·n/(n+2) with n = eˣ(eˣ+2): the same function with one exp instead of
-    exp, log1p and tanh, 3–5× faster when compiled for CPU. For x > 20, n/(n+2) = 1 in float32."""
+    """mish(x) = x·tanh(softplus(x)) = x·n/(n+2) with n = eˣ(eˣ+2): torch's nn.Mish (a test compares them) written
+    with one exp instead of exp, log1p and tanh, which compiles to faster CPU code. For x > 20, n/(n+2) = 1."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         e = torch.exp(x.clamp(max=20))
@@ -264,34 +252,22 @@ class TwinQ(nn.Module):
         return self.out(self.norms[-1](x)).squeeze(-1)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Replay buffer: preallocated float32 numpy arrays; actions are stored in the policy's [-1, 1] space.
-# ---------------------------------------------------------------------------------------------------------------
+# --- Replay buffer: preallocated float32 arrays; actions stored in the policy's [-1, 1] space -----------------------
 class ReplayBuffer:
     FIELDS = ("obs", "next_obs", "actions", "rewards", "terminated")
 
     def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
-        need = 4 * capacity * (2 * obs_dim + act_dim + 2)  # bytes
-        try:  # np.full, not np.zeros: it writes every page now, so a buffer too big for RAM fails here, not hours later
-            if need > total_memory():
-                raise MemoryError
-            self.obs = np.full((capacity, obs_dim), 0, np.float32)
-            self.next_obs = np.full((capacity, obs_dim), 0, np.float32)
-            self.actions = np.full((capacity, act_dim), 0, np.float32)
-            self.rewards = np.full(capacity, 0, np.float32)
-            self.terminated = np.full(capacity, 0, np.float32)
-        except MemoryError:
-            fail(f"a replay buffer of {capacity:,} transitions needs {need / 2**30:.1f} GiB, more than this machine "
-                 f"has; lower --buffer-size")
+        shapes = dict(obs=(obs_dim,), next_obs=(obs_dim,), actions=(act_dim,), rewards=(), terminated=())
+        for k, array in allocate(capacity, shapes).items():  # part two: fails at once if it cannot fit in memory
+            setattr(self, k, array)
         self.capacity, self.size, self.pos, self.device = capacity, 0, 0, device
 
     def add(self, obs, next_obs, actions, rewards, terminated):
         """Store one transition per env; float64 observations become float32."""
-        n = len(obs)
-        idx = (self.pos + np.arange(n)) % self.capacity
+        idx = (self.pos + np.arange(len(obs))) % self.capacity
         self.obs[idx], self.next_obs[idx], self.actions[idx] = obs, next_obs, actions
         self.rewards[idx], self.terminated[idx] = rewards, terminated
-        self.pos, self.size = (self.pos + n) % self.capacity, min(self.size + n, self.capacity)
+        self.pos, self.size = (self.pos + len(obs)) % self.capacity, min(self.size + len(obs), self.capacity)
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         idx = rng.integers(0, self.size, batch_size)
@@ -306,9 +282,7 @@ class ReplayBuffer:
         self.pos, self.size = state["pos"], state["size"]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# DDPM sampler (Ho et al. 2020, Alg. 2): a_T ~ N(0, I); a_{t-1} = (a_t - β_t/√(1-ᾱ_t)·ε_θ)/√α_t + σ_t z.
-# ---------------------------------------------------------------------------------------------------------------
+# --- DDPM sampler (Ho et al. 2020, Alg. 2): a_T ~ N(0, I); a_{t-1} = (a_t - β_t/√(1-ᾱ_t)·ε_θ)/√α_t + σ_t z --------
 @torch.no_grad()
 def ddpm_sample(denoiser: Denoiser, sched: Schedule, s: torch.Tensor, act_dim: int, temperature: float = 1.0,
                 clip: bool = True) -> torch.Tensor:
@@ -323,12 +297,10 @@ def ddpm_sample(denoiser: Denoiser, sched: Schedule, s: torch.Tensor, act_dim: i
     return a.clamp(-1, 1)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Losses. Critic: clipped double-Q TD target. Actor: Q-score matching, ‖ε_θ(s, aₜ, t) + M_q·∇ₐQ(s, aₜ)/ρ‖².
-# ---------------------------------------------------------------------------------------------------------------
-def critic_loss(qf, qf_target, denoiser, sched, batch, args: Args):
+# --- Losses. Critic: clipped double-Q TD target. Actor: Q-score matching, ‖ε_θ(s, aₜ, t) + M_q·∇ₐQ(s, aₜ)/ρ‖² ------
+def critic_loss(qf, qf_target, policy, sched, batch, args: Args):
     with torch.no_grad():
-        next_a = ddpm_sample(denoiser, sched, batch["next_obs"], batch["actions"].shape[1], args.ddpm_temperature,
+        next_a = ddpm_sample(policy, sched, batch["next_obs"], batch["actions"].shape[1], args.ddpm_temperature,
                              args.clip_sampler)  # a' ~ π(·|s')
         at_bounds = (next_a.abs() >= 1).float().mean()  # a saturated sampler puts most coordinates at ±1
         next_a = (next_a + args.target_noise * torch.randn_like(next_a)).clamp(-1, 1)
@@ -336,9 +308,8 @@ def critic_loss(qf, qf_target, denoiser, sched, batch, args: Args):
         q, next_q = qf(torch.cat([batch["obs"], batch["next_obs"]]), torch.cat([batch["actions"], next_a])).chunk(2, 1)
     else:
         q, next_q = qf(batch["obs"], batch["actions"]), qf_target(batch["next_obs"], next_a)  # Q, Q̄: (2, B)
-    with torch.no_grad():
-        y = batch["rewards"] + args.gamma * (1 - batch["terminated"]) * next_q.min(0).values  # min_i Q̄_i(s', a');
-        # only `terminated` cuts the bootstrap
+    with torch.no_grad():  # y = r + γ(1 - terminated)·min_i Q̄_i(s', a'): only `terminated` cuts the bootstrap
+        y = batch["rewards"] + args.gamma * (1 - batch["terminated"]) * next_q.min(0).values
     per_q = ((q - y) ** 2).mean(1)
     return per_q.sum(), {"losses/qf1_loss": per_q[0].detach(), "losses/qf2_loss": per_q[1].detach(),
                          "losses/qf1_values": q[0].mean().detach(), "policy/next_action_at_bounds": at_bounds}
@@ -347,8 +318,8 @@ def critic_loss(qf, qf_target, denoiser, sched, batch, args: Args):
 def qsm_loss(denoiser, qf, sched, batch, args: Args):
     a0, s = batch["actions"], batch["obs"]
     t = torch.randint(0, sched.T, (a0.shape[0],), device=a0.device)  # t ~ U{0..T-1}
-    ab = sched.alpha_bars[t][:, None]
-    a_t = ab.sqrt() * a0 + (1 - ab).sqrt() * torch.randn_like(a0)  # forward process q(aₜ|a₀)
+    alpha_bar = sched.alpha_bars[t][:, None]
+    a_t = alpha_bar.sqrt() * a0 + (1 - alpha_bar).sqrt() * torch.randn_like(a0)  # forward process q(aₜ|a₀)
     with torch.no_grad():  # ∇ₐQ(s, aₜ) of the mean of both critics: a fixed target, no gradient reaches the critics
         dq_da = torch.func.grad(lambda a: qf(s, a).mean(0).sum())(a_t)
         rho = dq_da.pow(2).mean().sqrt() + 1e-8 if args.normalize_q_grad else 1.0  # ρ = RMS(∇ₐQ), Q's scale (paper: 1)
@@ -362,10 +333,10 @@ def qsm_loss(denoiser, qf, sched, batch, args: Args):
 
 
 @torch.no_grad()
-def policy_diagnostics(denoiser, qf, sched, s: torch.Tensor, act_dim: int, args: Args) -> dict[str, torch.Tensor]:
+def policy_diagnostics(policy, qf, sched, s: torch.Tensor, act_dim: int, args: Args) -> dict[str, torch.Tensor]:
     """What the acting sampler does at buffer states: the share of action coordinates it puts at ±1, and how often
     its action beats a uniform random one under Q (≈ 1 for a policy that follows Q; ≤ 0.5 for a degenerate one)."""
-    a = ddpm_sample(denoiser, sched, s, act_dim, args.ddpm_temperature, args.clip_sampler)
+    a = ddpm_sample(policy, sched, s, act_dim, args.ddpm_temperature, args.clip_sampler)
     qf.eval()
     q_policy, q_random = qf(s, a).mean(0), qf(s, torch.rand_like(a) * 2 - 1).mean(0)
     qf.train()
@@ -373,39 +344,180 @@ def policy_diagnostics(denoiser, qf, sched, s: torch.Tensor, act_dim: int, args:
             "policy/beats_random": (q_policy > q_random).float().mean()}
 
 
+# --- One update: a critic TD step, a QSM actor step, Polyak steps -------------------------------------------------
 @torch.no_grad()
 def polyak_update(net: nn.Module, target: nn.Module, tau: float):
     torch._foreach_lerp_(list(target.parameters()), list(net.parameters()), tau)  # φ̄ ← (1-τ)φ̄ + τφ
 
 
-def make_update(denoiser, denoiser_target, qf, qf_target, q_opt, actor_opt, sched, args: Args):
-    """Returns update(batch): a critic TD step, a QSM actor step and Polyak steps; metrics stay tensors (no host
-    sync). With --compile the two losses, forward and backward, run as inductor-compiled graphs."""
-    c_loss, a_loss = (torch.compile(critic_loss), torch.compile(qsm_loss)) if args.compile else (critic_loss, qsm_loss)
+def make_update(denoiser, policy, qf, qf_target, q_opt, actor_opt, sched, args: Args):
+    """Returns update(batch) -> metrics (tensors: no host sync). policy: the denoiser that acts and samples a' (ε_θ
+    itself, or its Polyak average with --actor-tau < 1). With --compile both losses, forward and backward, run as
+    inductor-compiled graphs."""
+    critic_step, actor_step = (torch.compile(critic_loss), torch.compile(qsm_loss)) if args.compile else (critic_loss, qsm_loss)
 
     def update(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        q_loss, q_info = c_loss(qf, qf_target, denoiser_target, sched, batch, args)
+        q_loss, q_info = critic_step(qf, qf_target, policy, sched, batch, args)
         q_opt.zero_grad()
         q_loss.backward()
         q_opt.step()
         qf.eval()  # ∇ₐQ with the critic's running statistics (only batch renormalisation has any)
-        actor_loss, a_info = a_loss(denoiser, qf, sched, batch, args)
+        actor_loss, a_info = actor_step(denoiser, qf, sched, batch, args)
         qf.train()
         actor_opt.zero_grad()
         actor_loss.backward()
         actor_opt.step()
         if args.critic_norm != "batch":
             polyak_update(qf, qf_target, args.tau)
-        if denoiser_target is not denoiser:
-            polyak_update(denoiser, denoiser_target, args.actor_tau)
+        if policy is not denoiser:
+            polyak_update(denoiser, policy, args.actor_tau)
         return {**q_info, **a_info}
 
     return update
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Input checks and environment helpers: everything that can fail, fails before training, in one line.
-# ---------------------------------------------------------------------------------------------------------------
+# --- Training: main(args) (part two) runs train under a signal handler ------------------------------------------
+def train(args: Args, stop: "Stop") -> dict:
+    setup = prepare(args)  # part two: the flags (from the checkpoint with --resume), env and checkpoints, all checked
+    args, obs_dim, act_dim = setup.args, setup.obs_dim, setup.act_dim
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = pick_device(args)
+
+    sched = Schedule(args.beta_schedule, args.diffusion_steps, device)
+    denoiser = Denoiser(obs_dim, act_dim, args.actor_hidden_dims, args.time_dim).to(device)  # ε_θ
+    qf = TwinQ(obs_dim, act_dim, args.critic_hidden_dims, norm=args.critic_norm).to(device)  # Q_φ1, Q_φ2
+    qf_target = TwinQ(obs_dim, act_dim, args.critic_hidden_dims, norm=args.critic_norm).to(device)  # Q̄
+    if setup.init:  # --checkpoint: the networks of a saved run
+        restore(dict(denoiser=denoiser, qf=qf), setup.init, args.checkpoint)
+    qf_target.load_state_dict(qf.state_dict())
+    policy = copy.deepcopy(denoiser) if args.actor_tau < 1 else denoiser  # the denoiser that acts
+    if args.eval_only:
+        return evaluate_only(policy, sched, args, device, stop)
+
+    q_opt = torch.optim.Adam(qf.parameters(), lr=args.critic_lr, fused=True)  # fused: one kernel for all params
+    actor_opt = torch.optim.Adam(denoiser.parameters(), lr=args.actor_lr, fused=True)
+    K = args.actor_lr_decay_steps  # cosine decay lr·½(1 + cos(π·min(k, K)/K)), as optax.cosine_decay_schedule
+    actor_sched = torch.optim.lr_scheduler.LambdaLR(
+        actor_opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, K) / K)) if K > 0 else 1.0)
+    update = make_update(denoiser, policy, qf, qf_target, q_opt, actor_opt, sched, args)
+    sample = torch.compile(ddpm_sample) if args.compile else ddpm_sample
+    rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim, device)
+    rng = RNG(args.seed, device)
+    # same-step autoreset: every step is a transition; an ended episode's last obs is in infos["final_obs"]
+    envs = gym.wrappers.vector.RecordEpisodeStatistics(gym.vector.SyncVectorEnv(
+        [functools.partial(make_env, args.env_id) for _ in range(args.num_envs)],  # a partial pickles into checkpoints
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP))
+    objects = dict(denoiser=denoiser, policy=policy, qf=qf, qf_target=qf_target, q_opt=q_opt, actor_opt=actor_opt,
+                   actor_sched=actor_sched, rb=rb, rng=rng)  # what a checkpoint holds
+    run = Run(setup, stop, envs, objects, update, sample, sched, device)  # part two: fresh, or resumed
+    step, num_updates, returns, envs, obs = run.step, run.num_updates, run.returns, run.envs, run.obs
+    writer, metrics, act_space = run.writer, {}, envs.single_action_space
+    every = lambda freq: freq > 0 and step // freq != (step - args.num_envs) // freq  # noqa: E731 (crossed a multiple)
+
+    try:  # the RL loop: act, step, store, update, log, evaluate, checkpoint
+        while step < args.total_timesteps and not stop:
+            if step < args.learning_starts:  # uniform random actions, then the DDPM policy (+ optional noise)
+                actions = rng.np.uniform(-1, 1, (args.num_envs, act_dim)).astype(np.float32)
+            else:
+                s = torch.as_tensor(obs, dtype=torch.float32, device=device)
+                a = sample(policy, sched, s, act_dim, args.ddpm_temperature, args.clip_sampler)
+                actions = (a + args.exploration_noise * torch.randn_like(a)).clamp(-1, 1).cpu().numpy()
+            check_finite("the policy", step + 1, run.last_good, action=actions)
+            next_obs, rewards, terminations, truncations, infos = envs.step(to_env_action(actions, act_space))
+            real_next_obs = next_obs.copy()  # s' of an episode that ended is its final obs, not the next reset
+            for i in np.flatnonzero(infos.get("_final_obs", [])):
+                real_next_obs[i] = infos["final_obs"][i]
+            check_finite(args.env_id, step + 1, run.last_good, reward=rewards, observation=real_next_obs,
+                         reset_observation=next_obs)
+            rb.add(obs, real_next_obs, actions, rewards, terminations)  # truncated is not terminated: it bootstraps
+            obs, step = next_obs, step + args.num_envs
+            run.pbar.update(args.num_envs)
+            for i in np.flatnonzero(infos.get("_episode", [])):
+                returns.append(float(infos["episode"]["r"][i]))
+                writer.add_scalar("charts/episodic_return", infos["episode"]["r"][i], step)
+                writer.add_scalar("charts/episodic_length", infos["episode"]["l"][i], step)
+
+            if step > args.learning_starts:  # UTD updates per env step
+                for _ in range(args.utd_ratio * args.num_envs):
+                    batch = rb.sample(args.batch_size, rng.np)
+                    metrics = update(batch)
+                    actor_sched.step()
+                    num_updates += 1
+                    check_metrics(metrics, step, num_updates, run.last_good)  # NaN guard: one host sync
+                states = batch["obs"]  # where the diagnostics look at the sampler
+
+            if every(args.log_freq) or step >= args.total_timesteps:  # and the last step: a run's end is logged
+                if metrics:
+                    metrics |= {"charts/actor_lr": actor_opt.param_groups[0]["lr"],
+                                **policy_diagnostics(policy, qf, sched, states, act_dim, args)}
+                run.log(step, metrics, returns)
+            if every(args.eval_freq):
+                ep_returns = evaluate(policy, sched, args, device, stop, run.video(step))
+                if ep_returns is not None:  # None: cut by a stop signal
+                    writer.add_scalar("eval/episodic_return", np.mean(ep_returns), step)
+            if every(args.checkpoint_freq):
+                run.save("every --checkpoint-freq", step, num_updates, returns, obs, envs)
+        if stop:
+            run.save_and_exit(stop, step, num_updates, returns, obs, envs)
+        if args.save_model:
+            run.save_model(qf, policy)
+    except Exception as e:  # an env that raises, a full disk, …: one line naming the last good checkpoint
+        run.fail(e, step)
+    finally:
+        run.close(envs)
+    return {"rb": rb, "denoiser": denoiser, "qf": qf, "run_dir": run.dir, "num_updates": num_updates,
+            "global_step": step, "episodic_returns": list(returns)}
+
+
+# =================================================================================================================
+# Part two: the long-run machinery. A reader who came for the algorithm can stop here. What follows makes long runs
+# safe: flag and env checks that fail at start in one line, signals, NaN guards, checkpoints and resume, run folders.
+# =================================================================================================================
+def main(args: Args) -> dict:
+    with Stop() as stop:
+        return train(args, stop)
+
+
+class Setup(NamedTuple):
+    args: Args  # the flags, from the checkpoint with --resume
+    obs_dim: int
+    act_dim: int
+    resume: Optional[dict]  # the checkpoint to resume (--resume)
+    init: Optional[dict]  # the networks to start from (--checkpoint): {"denoiser": the acting one, "qf": ...}
+
+
+def prepare(args: Args) -> Setup:
+    """The flags, the env and the checkpoints, all checked before anything runs."""
+    resume = load_checkpoint(args.resume, training=True) if args.resume else None
+    if resume:  # a resumed run continues with the flags it was started with
+        ignored = [k for k, v in vars(args).items() if k != "resume" and v != getattr(Args, k)]
+        if ignored:
+            print(f"qsm.py: --resume takes every flag from the checkpoint; ignoring {', '.join(ignored)}", file=sys.stderr)
+        args = Args(**{**resume["args"], "resume": args.resume})
+    check_args(args)
+    obs_dim, act_dim = check_env(args)
+    ckpt = load_checkpoint(args.checkpoint) if args.checkpoint else None
+    for c, path in ((resume, args.resume), (ckpt, args.checkpoint)):
+        if c:
+            check_fits(c, path, args.env_id, (obs_dim, act_dim))
+    if ckpt:  # the architecture comes from the checkpoint
+        for k in ("actor_hidden_dims", "critic_hidden_dims", "critic_norm", "time_dim", "diffusion_steps",
+                  "beta_schedule"):
+            setattr(args, k, ckpt["args"].get(k, getattr(Args, k)))
+    init = dict(denoiser=ckpt.get("policy", ckpt["denoiser"]), qf=ckpt["qf"]) if ckpt else None
+    return Setup(args, obs_dim, act_dim, resume, init)
+
+
+def pick_device(args: Args) -> torch.device:
+    if args.cuda and not torch.cuda.is_available():
+        print("qsm.py: --cuda requested but no GPU found; running on CPU", file=sys.stderr)
+    return torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+
+
+# --- Input checks and environments: everything that can fail, fails before training, in one line -----------------
 def fail(msg: str):
     sys.exit(f"qsm.py: error: {msg}")  # one line on stderr, exit status 1
 
@@ -521,7 +633,21 @@ def to_env_action(a: np.ndarray, space: gym.spaces.Box) -> np.ndarray:
     return space.low + (a + 1) * 0.5 * (space.high - space.low)
 
 
-def check_finite(source: str, step: int, last_ckpt: str, **fields: np.ndarray):
+def allocate(capacity: int, shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
+    """The replay buffer's float32 arrays. np.full, not np.zeros: it writes every page now, so a buffer too big for
+    memory fails here, not hours later."""
+    need = 4 * capacity * sum(math.prod(s) for s in shapes.values())  # bytes
+    try:
+        if need > total_memory():
+            raise MemoryError
+        return {k: np.full((capacity, *s), 0, np.float32) for k, s in shapes.items()}
+    except MemoryError:
+        fail(f"a replay buffer of {capacity:,} transitions needs {need / 2**30:.1f} GiB, more than this machine "
+             f"has; lower --buffer-size")
+
+
+# --- NaN guards ------------------------------------------------------------------------------------------------
+def check_finite(source: str, step, last_good: str, **fields: np.ndarray):
     """Stop before a NaN or Inf reaches the env or the replay buffer (and through it every later checkpoint), checked
     as float32, the buffer's type (1e39 is finite in float64, Inf in float32)."""
     for name, x in fields.items():
@@ -529,9 +655,17 @@ def check_finite(source: str, step: int, last_ckpt: str, **fields: np.ndarray):
             finite = np.isfinite(np.asarray(x, dtype=np.float32)).all()
         if not finite:
             fail(f"non-finite {name.replace('_', ' ')} from {source} at step {step}; it was not stored; last good "
-                 f"checkpoint: {last_ckpt}")
+                 f"checkpoint: {last_good}")
 
 
+def check_metrics(metrics: dict[str, torch.Tensor], step: int, num_updates: int, last_good: str):
+    if not torch.isfinite(torch.stack(list(metrics.values()))).all():  # one host sync per update
+        bad = ", ".join(f"{k} = {float(v)}" for k, v in metrics.items() if not math.isfinite(float(v)))
+        fail(f"non-finite {bad} at step {step} (update {num_updates}); last good checkpoint: {last_good} (resume "
+             f"with --resume PATH)")
+
+
+# --- Signals and evaluation ----------------------------------------------------------------------------------------
 class Stop:
     """Ctrl-C (SIGINT), SIGTERM (sent by schedulers, SIGKILL follows) and SIGHUP (a closed terminal). Until training
     begins they exit at once (nothing to save); then the loop stops at the next step boundary, and evaluation at
@@ -569,7 +703,7 @@ class Stop:
               f"(Ctrl-C) exits at once without saving (the last checkpoint stays whole)", file=sys.stderr)
 
 
-def evaluate(denoiser, sched, args: Args, device, stop: Stop, video: Optional[tuple[str, str]] = None):
+def evaluate(policy, sched, args: Args, device, stop: Stop, video: Optional[tuple[str, str]] = None):
     """Returns of --eval-episodes episodes of DDPM-sampled actions without exploration noise, or None if a stop
     signal came first. video = (folder, file prefix): record the first episode."""
     env = make_env(args.env_id, render=video is not None)
@@ -581,7 +715,7 @@ def evaluate(denoiser, sched, args: Args, device, stop: Stop, video: Optional[tu
         done, ep_return = False, 0.0
         while not (done or stop):
             s = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
-            a = ddpm_sample(denoiser, sched, s, env.action_space.shape[0], args.ddpm_temperature, args.clip_sampler)
+            a = ddpm_sample(policy, sched, s, env.action_space.shape[0], args.ddpm_temperature, args.clip_sampler)
             obs, r, terminated, truncated, _ = env.step(to_env_action(a[0].cpu().numpy(), env.action_space))
             check_finite(f"{args.env_id} in evaluation episode {len(returns) + 1}", "its end", "unchanged", reward=r,
                          observation=obs)
@@ -592,9 +726,14 @@ def evaluate(denoiser, sched, args: Args, device, stop: Stop, video: Optional[tu
     return None if stop else returns
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Checkpoints: everything a run needs to continue, written atomically; all but the envs load with weights_only.
-# ---------------------------------------------------------------------------------------------------------------
+def evaluate_only(policy, sched, args: Args, device, stop: Stop) -> dict:
+    video = (f"videos/{args.env_id.replace('/', '-')}__eval__{int(time.time())}", "eval") if args.capture_video else None
+    returns = evaluate(policy, sched, args, device, stop, video)
+    print(f"eval {args.env_id}: return {np.mean(returns):.1f} ± {np.std(returns):.1f} over {len(returns)} episodes")
+    return {"eval_returns": returns}
+
+
+# --- Checkpoints: everything a run needs to continue, written atomically; all but the envs load with weights_only --
 class RNG:
     """The run's random streams: numpy's (random actions, batches) and torch's (everything else)."""
 
@@ -698,215 +837,102 @@ def restore(objects: dict, state: dict, path: str):
             fail(f"{path} does not fit this qsm.py: {k}: {first_line(e)}")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Training loop.
-# ---------------------------------------------------------------------------------------------------------------
-def main(args: Args):
-    with Stop() as stop:
-        return train(*prepare(args), stop)
 
 
-def prepare(args: Args):
-    """The flags (from the checkpoint with --resume), the env and the checkpoints, all checked before anything runs.
-    Returns (args, the checkpoint to resume or None, the checkpoint to load networks from or None, obs size, act size)."""
-    resume = load_checkpoint(args.resume, training=True) if args.resume else None
-    if resume:  # a resumed run continues with the flags it was started with
-        ignored = [k for k, v in vars(args).items() if k != "resume" and v != getattr(Args, k)]
-        if ignored:
-            print(f"qsm.py: --resume takes every flag from the checkpoint; ignoring {', '.join(ignored)}", file=sys.stderr)
-        args = Args(**{**resume["args"], "resume": args.resume})
-    check_args(args)
-    obs_dim, act_dim = check_env(args)
-    ckpt = load_checkpoint(args.checkpoint) if args.checkpoint else None
-    for c, path in ((resume, args.resume), (ckpt, args.checkpoint)):
-        if c:
-            check_fits(c, path, args.env_id, (obs_dim, act_dim))
-    if ckpt:  # the architecture comes from the checkpoint
-        for k in ("actor_hidden_dims", "critic_hidden_dims", "critic_norm", "time_dim", "diffusion_steps",
-                  "beta_schedule"):
-            setattr(args, k, ckpt["args"].get(k, getattr(Args, k)))
-    return args, resume, ckpt, obs_dim, act_dim
+class Run:
+    """One run: its folder (locked: one process per run), TensorBoard writer and progress bar, and what a checkpoint
+    holds: the stateful objects (their state_dicts) and the loop's counters. Made fresh, or from the checkpoint to
+    resume; saves after a finiteness check, exits on a signal, turns any error into one line."""
 
+    def __init__(self, setup: Setup, stop: Stop, envs, objects: dict, update, sample, sched, device):
+        args, resume, (obs_dim, act_dim) = setup.args, setup.resume, (setup.obs_dim, setup.act_dim)
+        self.args, self.dims, self.objects, self.stop = args, (obs_dim, act_dim), objects, stop
+        self.step, self.num_updates, self.returns, self.envs = 0, 0, deque(maxlen=10), envs
+        if resume:
+            restore(objects, resume, args.resume)
+            self.step, self.num_updates = resume["global_step"], resume["num_updates"]
+            self.returns.extend(resume["recent_returns"])
+        if resume and resume["envs"] is not None:  # the episodes in flight continue exactly
+            envs.close()  # (pickle runs code: resume only your own files)
+            self.envs, self.obs = pickle.loads(resume["envs"]), resume["obs"].numpy()
+        else:  # a fresh run, or envs that cannot be saved (MuJoCo): new episodes, seeded by the step
+            self.obs, _ = envs.reset(seed=args.seed + self.step)
+        self.last_good = args.resume or "none yet"
+        check_finite(args.env_id, self.step, self.last_good, reset_observation=self.obs)
+        if args.compile:  # compile now rather than at the first update, then put every state back
+            saved = copy.deepcopy({k: obj.state_dict() for k, obj in objects.items() if k != "rb"})
+            print("qsm.py: compiling the update and the sampler (--no-compile skips this)", file=sys.stderr)
+            rb = objects["rb"]
+            update({k: torch.zeros(args.batch_size, *getattr(rb, k).shape[1:], device=device) for k in rb.FIELDS})
+            sample(objects["policy"], sched, torch.zeros(args.num_envs, obs_dim, device=device), act_dim)
+            for k, state in saved.items():
+                objects[k].load_state_dict(state)
 
-def train(args: Args, resume: Optional[dict], ckpt: Optional[dict], obs_dim: int, act_dim: int, stop: Stop):
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    if args.cuda and not torch.cuda.is_available():
-        print("qsm.py: --cuda requested but no GPU found; running on CPU", file=sys.stderr)
-    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+        self.dir = (os.path.dirname(args.resume) or ".") if resume else make_run_dir(  # a resume stays in its folder
+            f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
+        self.name, self.path = resume["run_name"] if resume else os.path.basename(self.dir), f"{self.dir}/checkpoint.pt"
+        self.lock = lock_run_dir(self.dir)
+        if args.track:
+            import wandb
 
-    sched = Schedule(args.beta_schedule, args.diffusion_steps, device)
-    denoiser = Denoiser(obs_dim, act_dim, args.actor_hidden_dims, args.time_dim).to(device)
-    qf = TwinQ(obs_dim, act_dim, args.critic_hidden_dims, norm=args.critic_norm).to(device)
-    qf_target = TwinQ(obs_dim, act_dim, args.critic_hidden_dims, norm=args.critic_norm).to(device)
-    if ckpt:  # the policy that acted, and its critic
-        restore(dict(denoiser=denoiser, qf=qf), dict(denoiser=ckpt.get("denoiser_target", ckpt["denoiser"]),
-                                                     qf=ckpt["qf"]), args.checkpoint)
-    qf_target.load_state_dict(qf.state_dict())
-    denoiser_target = copy.deepcopy(denoiser) if args.actor_tau < 1 else denoiser  # the denoiser that acts
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=vars(args), name=self.name, save_code=True)
+        # on resume, purge_step drops what the interrupted run logged after its checkpoint: the curve has no overlap
+        self.writer = SummaryWriter(self.dir, purge_step=self.step + 1 if resume else None)
+        if not resume:
+            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+                f"|{k}|{v}|" for k, v in vars(args).items()))
+        self.pbar = tqdm.tqdm(total=args.total_timesteps, initial=self.step, unit="step", dynamic_ncols=True)
+        self.start_step, self.start_time, stop.training = self.step, time.time(), True
 
-    if args.eval_only:
-        video = (f"videos/{args.env_id.replace('/', '-')}__eval__{int(time.time())}", "eval") if args.capture_video else None
-        returns = evaluate(denoiser, sched, args, device, stop, video)
-        print(f"eval {args.env_id}: return {np.mean(returns):.1f} ± {np.std(returns):.1f} over {len(returns)} episodes")
-        return {"eval_returns": returns}
+    def log(self, step: int, metrics: dict, returns: deque):
+        sps = int((step - self.start_step) / (time.time() - self.start_time))
+        self.writer.add_scalar("charts/SPS", sps, step)
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, float(v), step)
+        self.pbar.set_postfix(ret=f"{np.mean(returns):.1f}" if returns else "n/a", sps=sps, refresh=False)
 
-    q_opt = torch.optim.Adam(qf.parameters(), lr=args.critic_lr, fused=True)  # fused: one kernel for all params
-    actor_opt = torch.optim.Adam(denoiser.parameters(), lr=args.actor_lr, fused=True)
-    K = args.actor_lr_decay_steps  # cosine decay lr·½(1 + cos(π·min(k, K)/K)), as optax.cosine_decay_schedule
-    actor_sched = torch.optim.lr_scheduler.LambdaLR(
-        actor_opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, K) / K)) if K > 0 else 1.0)
-    update = make_update(denoiser, denoiser_target, qf, qf_target, q_opt, actor_opt, sched, args)
-    sample = torch.compile(ddpm_sample) if args.compile else ddpm_sample
-    rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim, device)
-    rng = RNG(args.seed, device)
+    def video(self, step: int) -> Optional[tuple[str, str]]:
+        return (f"videos/{self.name}", f"step{step}") if self.args.capture_video else None
 
-    # Gymnasium's same-step autoreset: every step is a transition; an ended episode's last obs is in infos["final_obs"]
-    # (functools.partial, not a lambda, so that the vector env can be pickled into checkpoints)
-    envs = gym.vector.SyncVectorEnv([functools.partial(make_env, args.env_id) for _ in range(args.num_envs)],
-                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
-    envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
-    act_space = envs.single_action_space
-    global_step, num_updates, recent_returns, metrics = 0, 0, deque(maxlen=10), {}
+    def save(self, reason: str, step: int, num_updates: int, returns: deque, obs: np.ndarray, envs):
+        for name in ("denoiser", "qf"):
+            if not all(torch.isfinite(p).all() for p in self.objects[name].parameters()):
+                fail(f"non-finite parameters in {name} at step {step}; last good checkpoint: {self.last_good}")
+        save_checkpoint(self.path, {
+            "args": vars(self.args), "dims": self.dims, "run_name": self.name,
+            **{k: obj.state_dict() for k, obj in self.objects.items()}, "global_step": step,
+            "num_updates": num_updates, "recent_returns": list(returns), "obs": torch.from_numpy(obs),
+            "envs": env_state(envs)})
+        self.last_good = self.path
+        self.writer.add_text("checkpoints", f"{reason}: {self.path}", step)
 
-    # what a checkpoint holds: these objects' state_dicts, and `checkpoint()` below; save and resume both read it here
-    stateful = dict(denoiser=denoiser, denoiser_target=denoiser_target, qf=qf, qf_target=qf_target, q_opt=q_opt,
-                    actor_opt=actor_opt, actor_sched=actor_sched, rb=rb, rng=rng)
-    if resume:
-        restore(stateful, resume, args.resume)
-        global_step, num_updates = resume["global_step"], resume["num_updates"]
-        recent_returns.extend(resume["recent_returns"])
-    if resume and resume["envs"] is not None:  # the episodes in flight continue exactly
-        envs.close()
-        envs, obs = pickle.loads(resume["envs"]), resume["obs"].numpy()  # (pickle runs code: resume only your own files)
-    else:  # a fresh run, or envs that cannot be saved (MuJoCo): new episodes, seeded by the step
-        obs, _ = envs.reset(seed=args.seed + global_step)
-    last_ckpt = args.resume or "none yet"
-    check_finite(args.env_id, global_step, last_ckpt, reset_observation=obs)
-    if args.compile:  # compile now (≈20 s on CPU) rather than at the first update, then put every state back
-        saved = copy.deepcopy({k: obj.state_dict() for k, obj in stateful.items() if k != "rb"})
-        print("qsm.py: compiling the update and the sampler (--no-compile skips this)", file=sys.stderr)
-        update({k: torch.zeros(args.batch_size, *getattr(rb, k).shape[1:], device=device) for k in rb.FIELDS})
-        sample(denoiser_target, sched, torch.zeros(args.num_envs, obs_dim, device=device), act_dim)
-        for k, state in saved.items():
-            stateful[k].load_state_dict(state)
+    def save_and_exit(self, stop: Stop, *counters):
+        sig = signal.Signals(stop.signum).name
+        self.save(sig, *counters)
+        print(f"\nqsm.py: stopped by {sig} at step {counters[0]}; checkpoint saved, continue with: "
+              f"python qsm.py --resume {self.path}", file=sys.stderr)
+        sys.exit(128 + stop.signum)  # the shell's code for "killed by this signal": the run did not finish
 
-    run_dir = (os.path.dirname(args.resume) or ".") if resume else make_run_dir(  # a resume stays in its folder
-        f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}")
-    run_name = resume["run_name"] if resume else os.path.basename(run_dir)
-    lock = lock_run_dir(run_dir)
-    ckpt_path = f"{run_dir}/checkpoint.pt"
+    def save_model(self, qf: nn.Module, policy: nn.Module):
+        path = f"{self.dir}/qsm.pt"
+        save_checkpoint(path, {"args": vars(self.args), "dims": self.dims, "qf": qf.state_dict(),
+                               "denoiser": policy.state_dict()})  # the denoiser that acts
+        print(f"model saved to {path}; evaluate it with: python qsm.py --env-id {self.args.env_id} --checkpoint "
+              f"{path} --eval-only")
 
-    def checkpoint() -> dict:
-        return {"args": vars(args), "dims": (obs_dim, act_dim), "run_name": run_name,
-                **{k: obj.state_dict() for k, obj in stateful.items()}, "global_step": global_step,
-                "num_updates": num_updates, "recent_returns": list(recent_returns), "obs": torch.from_numpy(obs),
-                "envs": env_state(envs)}
-
-    def save(reason: str):
-        nonlocal last_ckpt
-        for name, net in (("denoiser", denoiser), ("qf", qf)):
-            if not all(torch.isfinite(p).all() for p in net.parameters()):
-                fail(f"non-finite parameters in {name} at step {global_step}; last good checkpoint: {last_ckpt}")
-        save_checkpoint(ckpt_path, checkpoint())
-        last_ckpt = ckpt_path
-        writer.add_text("checkpoints", f"{reason}: {ckpt_path}", global_step)
-
-    def every(freq: int) -> bool:  # did this iteration's steps cross a multiple of freq?
-        return freq > 0 and global_step // freq != (global_step - args.num_envs) // freq
-
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
-    # on resume, purge_step drops what the interrupted run logged after its checkpoint, so the curve has no overlap
-    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if resume else None)
-    if not resume:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    pbar = tqdm.tqdm(total=args.total_timesteps, initial=global_step, unit="step", dynamic_ncols=True)
-    start_step, start_time, stop.training = global_step, time.time(), True
-    try:
-        while global_step < args.total_timesteps and not stop:
-            # act: uniform random before learning starts, then DDPM sample + N(0, σ²) exploration noise
-            if global_step < args.learning_starts:
-                actions = rng.np.uniform(-1, 1, (args.num_envs, act_dim)).astype(np.float32)
-            else:
-                s = torch.as_tensor(obs, dtype=torch.float32, device=device)
-                a = sample(denoiser_target, sched, s, act_dim, args.ddpm_temperature, args.clip_sampler)
-                actions = (a + args.exploration_noise * torch.randn_like(a)).clamp(-1, 1).cpu().numpy()
-            check_finite("the policy", global_step + 1, last_ckpt, action=actions)
-            next_obs, rewards, terminations, truncations, infos = envs.step(to_env_action(actions, act_space))
-            real_next_obs = next_obs.copy()  # s' of an episode that ended is its final obs, not the next reset
-            for i in np.flatnonzero(infos.get("_final_obs", [])):
-                real_next_obs[i] = infos["final_obs"][i]
-            check_finite(args.env_id, global_step + 1, last_ckpt, reward=rewards, observation=real_next_obs,
-                         reset_observation=next_obs)
-            rb.add(obs, real_next_obs, actions, rewards, terminations)  # truncated is not terminated: it bootstraps
-            obs = next_obs
-            global_step += args.num_envs
-            pbar.update(args.num_envs)
-            for i in np.flatnonzero(infos.get("_episode", [])):
-                recent_returns.append(float(infos["episode"]["r"][i]))
-                writer.add_scalar("charts/episodic_return", infos["episode"]["r"][i], global_step)
-                writer.add_scalar("charts/episodic_length", infos["episode"]["l"][i], global_step)
-
-            # learn: UTD updates per env step, each a critic step, a QSM actor step and a Polyak step
-            if global_step > args.learning_starts:
-                for _ in range(args.utd_ratio * args.num_envs):
-                    batch = rb.sample(args.batch_size, rng.np)
-                    metrics = update(batch)
-                    actor_sched.step()
-                    num_updates += 1
-                    if not torch.isfinite(torch.stack(list(metrics.values()))).all():  # NaN/Inf guard: one host sync
-                        bad = ", ".join(f"{k} = {float(v)}" for k, v in metrics.items() if not math.isfinite(float(v)))
-                        fail(f"non-finite {bad} at step {global_step} (update {num_updates}); "
-                             f"last good checkpoint: {last_ckpt} (resume with --resume PATH)")
-
-            if every(args.log_freq) or global_step >= args.total_timesteps:  # and the last step: a run's end is logged
-                sps = int((global_step - start_step) / (time.time() - start_time))
-                writer.add_scalar("charts/SPS", sps, global_step)
-                for k, v in metrics.items():
-                    writer.add_scalar(k, float(v), global_step)
-                if metrics:
-                    writer.add_scalar("charts/actor_lr", actor_opt.param_groups[0]["lr"], global_step)
-                    for k, v in policy_diagnostics(denoiser_target, qf, sched, batch["obs"], act_dim, args).items():
-                        writer.add_scalar(k, float(v), global_step)
-                pbar.set_postfix(ret=f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a", sps=sps, refresh=False)
-            if every(args.eval_freq):
-                video = (f"videos/{run_name}", f"step{global_step}") if args.capture_video else None
-                returns = evaluate(denoiser_target, sched, args, device, stop, video)
-                if returns is not None:  # None: cut by a stop signal
-                    writer.add_scalar("eval/episodic_return", np.mean(returns), global_step)
-            if every(args.checkpoint_freq):
-                save("every --checkpoint-freq")
-
-        if stop:
-            sig = signal.Signals(stop.signum).name
-            save(sig)
-            print(f"\nqsm.py: stopped by {sig} at step {global_step}; checkpoint saved, continue with: "
-                  f"python qsm.py --resume {ckpt_path}", file=sys.stderr)
-            sys.exit(128 + stop.signum)  # the shell's code for "killed by this signal": the run did not finish
-        if args.save_model:
-            path = f"{run_dir}/qsm.pt"
-            save_checkpoint(path, {"args": vars(args), "dims": (obs_dim, act_dim), "qf": qf.state_dict(),
-                                   "denoiser": denoiser_target.state_dict()})  # the denoiser that acts
-            print(f"model saved to {path}; evaluate it with: python qsm.py --env-id {args.env_id} --checkpoint {path} --eval-only")
-    except Exception as e:  # an env that raises, a full disk, ...: one line; the last checkpoint stays whole
+    def fail(self, e: Exception, step: int):
         if os.environ.get("QSM_DEBUG"):
-            raise
-        fail(f"{first_line(e)} at step {global_step}; last good checkpoint: {last_ckpt} (QSM_DEBUG=1 shows the "
+            raise e
+        fail(f"{first_line(e)} at step {step}; last good checkpoint: {self.last_good} (QSM_DEBUG=1 shows the "
              f"traceback)")
-    finally:
-        pbar.close()
+
+    def close(self, envs):
+        self.pbar.close()
         envs.close()
-        with contextlib.suppress(Exception):  # a full disk has been reported above
-            writer.close()  # flushes the event file
-        lock.close()
-    return {"rb": rb, "denoiser": denoiser, "qf": qf, "run_dir": run_dir, "num_updates": num_updates,
-            "global_step": global_step, "episodic_returns": list(recent_returns)}
+        with contextlib.suppress(Exception):  # a full disk has been reported already
+            self.writer.close()  # flushes the event file
+        self.lock.close()
 
 
 if __name__ == "__main__":

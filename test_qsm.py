@@ -89,6 +89,11 @@ def test_shapes_and_dtypes():
     assert all(v.dtype == torch.float32 for v in batch.values())
 
 
+def test_our_mish_is_torchs():
+    x = torch.linspace(-30, 30, 100_001)
+    torch.testing.assert_close(qsm.Mish()(x), nn.Mish()(x), rtol=1e-6, atol=1e-6)
+
+
 def test_replay_buffer_wraps_around():
     rb = qsm.ReplayBuffer(3, 1, 1, torch.device("cpu"))
     for i in range(5):
