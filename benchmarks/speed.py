@@ -63,12 +63,13 @@ def matmul_gflops(device, m=256, k=512, n=512, reps=200):
     return 2 * m * k * n / statistics.median(timed(lambda: a @ b, device, reps)) / 1e9
 
 
-def build(width, compile, device, seed=0):
-    args = qsm.Args(actor_hidden_dims=(width, width), critic_hidden_dims=(width, width), compile=compile)
+def build(width, compile, device, seed=0, critic_norm="none"):
+    args = qsm.Args(actor_hidden_dims=(width, width), critic_hidden_dims=(width, width), compile=compile,
+                    critic_norm=critic_norm)
     torch.manual_seed(seed)
     sched = qsm.Schedule(args.beta_schedule, args.diffusion_steps, device)
     den = qsm.Denoiser(OBS, ACT, args.actor_hidden_dims, args.time_dim).to(device)
-    qf = qsm.TwinQ(OBS, ACT, args.critic_hidden_dims).to(device)
+    qf = qsm.TwinQ(OBS, ACT, args.critic_hidden_dims, norm=critic_norm).to(device)
     qf_t = copy.deepcopy(qf)
     q_opt = torch.optim.Adam(qf.parameters(), lr=args.critic_lr, fused=True)
     a_opt = torch.optim.Adam(den.parameters(), lr=args.actor_lr, fused=True)
@@ -84,6 +85,8 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--cuda", action="store_true")
     p.add_argument("--widths", nargs="+", type=int, default=[512, 256], help="hidden widths to time")
+    p.add_argument("--critic-norms", nargs="+", default=["none"], choices=["none", "batch"],
+                   help="critics to time at every width (--critic-norm of qsm.py)")
     p.add_argument("--eager-only", action="store_true", help="skip the compiled path (a quick check that it runs)")
     o = p.parse_args()
     modes = (False,) if o.eager_only else (False, True)
@@ -101,32 +104,32 @@ def main():
     peak = max(matmul_gflops(device), matmul_gflops(device, 1024, 1024, 1024, 20))
     print(f"fp32 matmul throughput: {peak:.1f} GFLOP/s (best of 256x512x512 and 1024^3)")
     rows = []
-    for width in o.widths:
-        update, _, _, _ = build(width, False, device)
+    for width, norm in ((w, n) for w in o.widths for n in o.critic_norms):
+        update, _, _, _ = build(width, False, device, critic_norm=norm)
         with MatmulFlops() as fc:
             update(batch)
         floor_ms = fc.flops / peak / 1e6
         fns = {}
         for compile in modes:
-            update, _, _, _ = build(width, compile, device)
+            update, _, _, _ = build(width, compile, device, critic_norm=norm)
             t0 = time.perf_counter()
             for _ in range(5):  # warm-up (compilation for the compiled path)
                 update(batch)
             sync(device)
             fns[compile] = update
             if compile:
-                print(f"width {width}: compile + warm-up {time.perf_counter() - t0:.1f} s")
+                print(f"width {width}, critic norm {norm}: compile + warm-up {time.perf_counter() - t0:.1f} s")
         times = {False: [], True: []}
         for _ in range(o.rounds):
             for compile in modes:
                 times[compile] += timed(lambda: fns[compile](batch), device, o.per_round)
-        rows.append((width, fc.flops / 1e9, floor_ms, *(statistics.median(times[c]) * 1e3 for c in modes)))
+        rows.append((f"{width}/{norm}", fc.flops / 1e9, floor_ms, *(statistics.median(times[c]) * 1e3 for c in modes)))
 
     print("\nQSM update (critic step + QSM actor step + Polyak), Walker2d-v4 dims, batch 256, T=5; median ms/update")
-    print(f"{'width':>5} {'GFLOP':>7} {'floor ms':>9} {'eager ms':>9} {'of floor':>9} {'compiled ms':>12} "
+    print(f"{'width/critic norm':>17} {'GFLOP':>7} {'floor ms':>9} {'eager ms':>9} {'of floor':>9} {'compiled ms':>12} "
           f"{'of floor':>9} {'speedup':>8}")
     for width, gflop, floor_ms, eager, *comp in rows:  # comp: [] with --eager-only
-        print(f"{width:>5} {gflop:>7.3f} {floor_ms:>9.2f} {eager:>9.2f} {floor_ms / eager:>9.0%} " + (
+        print(f"{width:>17} {gflop:>7.3f} {floor_ms:>9.2f} {eager:>9.2f} {floor_ms / eager:>9.0%} " + (
             f"{comp[0]:>12.2f} {floor_ms / comp[0]:>9.0%} {eager / comp[0]:>7.2f}x" if comp else f"{'–':>12}"))
 
     print(f"\nActing: one DDPM sample (T=5 denoiser passes) at batch 1, width {o.widths[0]}; median ms")

@@ -199,9 +199,12 @@ def test_memory_samples_a_run_and_a_failed_run_changes_nothing(tmp_path):
 
 
 def test_speed_times_the_update(tmp_path):
-    out = bench("speed.py", "--widths", "32", "--rounds", "1", "--per-round", "3", "--eager-only").stdout
-    row = next(line.split() for line in out.splitlines() if line.strip().startswith("32 "))
-    assert 0 < float(row[3]) < 1000 and "Acting: one DDPM sample" in out  # eager ms per update
+    out = bench("speed.py", "--widths", "32", "--critic-norms", "none", "batch", "--rounds", "1", "--per-round", "3",
+                "--eager-only").stdout
+    for norm in ("none", "batch"):
+        row = next(line.split() for line in out.splitlines() if line.strip().startswith(f"32/{norm} "))
+        assert 0 < float(row[3]) < 1000, out  # eager ms per update
+    assert "Acting: one DDPM sample" in out
 
 
 def test_bandit_draws_the_sampled_actions(tmp_path):
