@@ -65,8 +65,9 @@ class Args:
     """hidden widths of the denoiser MLP (mish; official: 512 512)"""
     critic_hidden_dims: tuple[int, ...] = (256, 256)
     """hidden widths of each critic MLP (relu; official: 512 512)"""
-    critic_norm: Literal["none", "batch"] = "none"
-    """"batch": CrossQ's critic (batch renormalisation, (s, a) and (s', a') in one pass, no target critics)"""
+    critic_norm: Literal["none", "batch", "layer"] = "none"
+    """"batch": CrossQ's critic (batch renormalisation, (s, a) and (s', a') in one pass, no target critics);
+    "layer": LayerNorm without affine parameters after every hidden layer of the critics (Ba et al. 2016)"""
     time_dim: int = 64
     """size of the learnable Fourier features of the diffusion step t ("time_dim" in the official code)"""
     diffusion_steps: int = 5
@@ -243,12 +244,13 @@ class TwinQ(nn.Module):
         self.hidden = nn.ModuleList(EnsembleLinear(num, i, o) for i, o in zip(dims[:-1], dims[1:]))
         self.out = EnsembleLinear(num, dims[-1], 1)
         self.norms = nn.ModuleList(BatchRenorm(num, d) if norm == "batch" else nn.Identity() for d in dims)
-        self.num = num
+        self.num, self.layer_norm = num, norm == "layer"
 
     def forward(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         x = torch.cat([s, a], dim=-1).expand(self.num, -1, -1)
         for norm, layer in zip(self.norms, self.hidden):
-            x = F.relu(layer(norm(x)))
+            x = layer(norm(x))
+            x = F.relu(F.layer_norm(x, x.shape[-1:]) if self.layer_norm else x)
         return self.out(self.norms[-1](x)).squeeze(-1)
 
 

@@ -89,6 +89,34 @@ def test_shapes_and_dtypes():
     assert all(v.dtype == torch.float32 for v in batch.values())
 
 
+def test_normalised_critics():
+    """LayerNorm after each hidden layer: Q does not change when the first layer's output is scaled. CrossQ's batch
+    renormalisation: in training mode a shift of the whole batch's observations is normalised away, and the running
+    statistics (used in eval mode, for ∇ₐQ) follow the batch; its critic loss needs no target critic."""
+    torch.manual_seed(0)
+    s, a = torch.randn(64, 5), torch.rand(64, 3) * 2 - 1
+    qf = qsm.TwinQ(5, 3, (32, 32), norm="layer")
+    q = qf(s, a)
+    with torch.no_grad():
+        qf.hidden[0].weight.mul_(10), qf.hidden[0].bias.mul_(10)
+    torch.testing.assert_close(qf(s, a), q, rtol=1e-4, atol=1e-4)
+
+    qf = qsm.TwinQ(5, 3, (32, 32), norm="batch")
+    q = qf(s, a)
+    torch.testing.assert_close(qf(s + 5, a), q, rtol=1e-4, atol=1e-4)
+    first = qf.norms[0]
+    assert first.steps == 2 and 0 < first.running_mean[0, 0, 0] < 5 * 0.02 + 0.1  # lerp by 0.01 towards the batch's
+    qf.eval()
+    assert not torch.allclose(qf(s + 5, a), qf(s, a))  # eval: the running statistics, not the batch's
+    qf.train()
+    args = qsm.Args(critic_norm="batch")
+    batch = {"obs": s, "next_obs": s, "actions": a, "rewards": torch.ones(64), "terminated": torch.zeros(64)}
+    loss, _ = qsm.critic_loss(qf, None, qsm.Denoiser(5, 3, (32, 32), 64), qsm.Schedule("vp", 5, torch.device("cpu")),
+                              batch, args)
+    loss.backward()
+    assert torch.isfinite(loss) and qf.hidden[0].weight.grad.abs().sum() > 0
+
+
 def test_our_mish_is_torchs():
     x = torch.linspace(-30, 30, 100_001)
     torch.testing.assert_close(qsm.Mish()(x), nn.Mish()(x), rtol=1e-6, atol=1e-6)

@@ -85,7 +85,7 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--cuda", action="store_true")
     p.add_argument("--widths", nargs="+", type=int, default=[512, 256], help="hidden widths to time")
-    p.add_argument("--critic-norms", nargs="+", default=["none"], choices=["none", "batch"],
+    p.add_argument("--critic-norms", nargs="+", default=["none"], choices=["none", "batch", "layer"],
                    help="critics to time at every width (--critic-norm of qsm.py)")
     p.add_argument("--eager-only", action="store_true", help="skip the compiled path (a quick check that it runs)")
     o = p.parse_args()
