@@ -126,6 +126,27 @@ def test_submitit_local_launcher_runs_the_grid_and_a_preempted_job_continues_its
     assert len(glob.glob(str(tmp_path / "runs" / "qsm_*" / "runs" / "*"))) == 1
 
 
+def test_the_slurm_launcher_submits_one_job_array_with_the_asked_resources(tmp_path):
+    """The README's Slurm command up to sbatch: stand-ins for Slurm's srun and sbatch (which keeps the script it is
+    given and answers as Slurm does) on PATH; the grid's jobs go out as one array with the asked resources (%1: one
+    job at a time, --jobs)."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_ / "sbatch").write_text(f"#!/bin/sh\ncp \"$1\" {tmp_path}/sbatch.sh\necho Submitted batch job 4242\n")
+    for f in ("srun", "sbatch"):
+        (bin_ / f).chmod(0o755)
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "learning.py"), *grid_flags(tmp_path, "qsm", "sac"),
+                        "--launcher", "slurm", "--partition", "cpu", "--time-min", "240", "--jobs", "1",
+                        "--slurm-extra", "account=myproject", "--no-wait", "--no-plot"],
+                       capture_output=True, text=True, timeout=120, env=dict(ENV, PATH=f"{bin_}:{os.environ['PATH']}"))
+    assert p.returncode == 0 and "submitted 2 jobs: 4242_0, 4242_1" in p.stdout, p.stdout + p.stderr[-3000:]
+    script = (tmp_path / "sbatch.sh").read_text()
+    for line in ("--array=0-1%1", "--time=240", "--cpus-per-task=1", "--partition=cpu", "--account=myproject",
+                 "--signal=USR2@90"):
+        assert f"#SBATCH {line}" in script, script
+
+
 def children_of(name: str) -> list[int]:
     return [int(c.split("/")[2]) for c in glob.glob("/proc/[0-9]*/cmdline")
             if name in Path(c).read_bytes().replace(b"\0", b" ").decode(errors="replace")]
