@@ -228,6 +228,14 @@ def test_speed_times_the_update(tmp_path):
     assert "Acting: one DDPM sample" in out
 
 
+def test_step_time_splits_a_learning_step(tmp_path):
+    out = bench("step_time.py", "--env-id", "Pendulum-v1", "--steps", "300", "--learning-starts", "100", "--width",
+                "32", "--no-compile").stdout
+    ms = {line[:34].strip(): float(line.split()[-5]) for line in out.splitlines()[1:-1]}
+    assert {"update", "act", "env step", "buffer sample", "check_metrics"} <= ms.keys(), out
+    assert ms["update"] > ms["buffer sample"] > 0, out  # a 32-wide update still costs more than sampling a batch
+
+
 def test_bandit_draws_the_sampled_actions(tmp_path):
     out = bench("bandit.py", "--scales", "1", "--steps", "20", "--samples", "200", "--out", str(tmp_path / "b.csv"),
                 "--picture", str(tmp_path / "b.png")).stdout
