@@ -236,6 +236,12 @@ def test_step_time_splits_a_learning_step(tmp_path):
     assert ms["update"] > ms["buffer sample"] > 0, out  # a 32-wide update still costs more than sampling a batch
 
 
+def test_sampler_check_reports_every_sampler_test(tmp_path):
+    out = bench("sampler_check.py", "--diffusion-steps", "2", "--q-grad-scale", "1", "--steps", "30").stdout
+    verdicts = [line.rsplit(": ", 1)[1] for line in out.splitlines()[1:]]
+    assert out.startswith("T = 2, M_q = 1.0") and len(verdicts) == 6 and set(verdicts) <= {"PASS", "FAIL"}, out
+
+
 def test_bandit_draws_the_sampled_actions(tmp_path):
     out = bench("bandit.py", "--scales", "1", "--steps", "20", "--samples", "200", "--out", str(tmp_path / "b.csv"),
                 "--picture", str(tmp_path / "b.png")).stdout

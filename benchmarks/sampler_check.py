@@ -1,0 +1,52 @@
+"""The sampler tests of test_qsm.py for other flags: does a candidate (e.g. more reverse steps with a greedier M_q)
+still land its sampled actions near argmax Q, off the clip, and keep the two-optima bandit bimodal, at every critic
+scale? Prints the tests' numbers and PASS/FAIL instead of asserting.
+
+    python benchmarks/sampler_check.py --diffusion-steps 10 --q-grad-scale 3
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import qsm  # noqa: E402
+import test_qsm as t  # noqa: E402  (the sampler tests' critics and training loop)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--diffusion-steps", type=int, default=5)
+    p.add_argument("--q-grad-scale", type=float, default=1.5)
+    p.add_argument("--steps", type=int, default=1500, help="training steps of the denoiser (the tests' 1500; the "
+                   "bandit gets 2/3 of them, as in the tests)")
+    o = p.parse_args()
+    torch.set_num_threads(1)
+    flags = dict(diffusion_steps=o.diffusion_steps, q_grad_scale=o.q_grad_scale)
+    print(f"T = {o.diffusion_steps}, M_q = {o.q_grad_scale}")
+    for k in t.SCALES:
+        den, _, sched, args = t.train_qsm(t.quadratic_q(k), 4, 2, steps=o.steps, **flags)
+        torch.manual_seed(123)
+        s, a0 = torch.randn(2048, 4), torch.rand(2048, 2) * 2 - 1
+        _, diag = qsm.qsm_loss(den, t.AnalyticQ(t.quadratic_q(k)), sched, {"obs": s, "actions": a0}, args)
+        dist, uniform, at_bounds = t.sampled_actions_vs_argmax(den, sched, s)
+        ok = diag["qsm/score_alignment"] >= 0.97 and dist <= uniform / 3 and at_bounds < 0.1
+        print(f"  argmax, k = {k}: alignment {diag['qsm/score_alignment']:.3f} (≥ 0.97), distance / uniform's "
+              f"{dist / uniform:.2f} (≤ 0.33), at ±1 {at_bounds:.2f} (< 0.1): {'PASS' if ok else 'FAIL'}")
+    for k in t.SCALES:
+        q_fn = lambda s, a, k=k: -k * torch.minimum((a - 0.6) ** 2, (a + 0.6) ** 2).sum(-1)  # noqa: E731
+        den, _, sched, _ = t.train_qsm(q_fn, 1, 1, steps=o.steps * 2 // 3,
+                                       sample_states=lambda n: torch.zeros(n, 1), **flags)
+        torch.manual_seed(7)
+        a = qsm.ddpm_sample(den, sched, torch.zeros(4000, 1), 1)[:, 0]
+        near = lambda x: ((a - x).abs() < 0.2).float().mean().item()  # noqa: E731
+        bounds = (a.abs() >= 1).float().mean().item()
+        ok = near(0.6) >= 0.25 and near(-0.6) >= 0.25 and near(0.0) < 0.1 and bounds < 0.1
+        print(f"  bandit, k = {k}: near +0.6 {near(0.6):.2f}, near -0.6 {near(-0.6):.2f} (≥ 0.25 each), near 0 "
+              f"{near(0.0):.2f} (< 0.1), at ±1 {bounds:.2f} (< 0.1): {'PASS' if ok else 'FAIL'}")
+
+
+if __name__ == "__main__":
+    main()
