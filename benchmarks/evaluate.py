@@ -29,8 +29,8 @@ def main():
     rows = list(csv.DictReader(open(o.out))) if Path(o.out).exists() else []
     failed = []
     for run in o.runs:
-        todo = [t for t in dict.fromkeys(o.temperatures)
-                if (Path(run).name, t) not in {(r["run"], float(r["temperature"])) for r in rows}]
+        done = {float(r["temperature"]) for r in rows if r["run"] == Path(run).name}
+        todo = [t for t in dict.fromkeys(o.temperatures) if t not in done]
         if not todo:  # all in --out already: no need to load the checkpoint (it holds the replay buffer)
             continue
         ckpt = str(Path(run) / "checkpoint.pt")
