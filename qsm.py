@@ -122,12 +122,10 @@ class Args:
 # --- Noise schedule: β_t, α_t = 1 - β_t, ᾱ_t = Π_{s≤t} α_s (DDPM, Ho et al. 2020); index t = 0..T-1 --------------
 def make_beta_schedule(name: str, T: int) -> torch.Tensor:
     if name == "vp":  # variance-preserving SDE discretised (Song et al. 2021), b_min = 0.1, b_max = 10
-        t = torch.arange(1, T + 1, dtype=torch.float64)
-        b_min, b_max = 0.1, 10.0
+        t, b_min, b_max = torch.arange(1, T + 1, dtype=torch.float64), 0.1, 10.0
         betas = 1 - torch.exp(-b_min / T - 0.5 * (b_max - b_min) * (2 * t - 1) / T**2)
     elif name == "cosine":  # Nichol & Dhariwal 2021, s = 0.008
-        s = 0.008
-        t = torch.linspace(0, T, T + 1, dtype=torch.float64) / T
+        s, t = 0.008, torch.linspace(0, T, T + 1, dtype=torch.float64) / T
         alpha_bar = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
         betas = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
     elif name == "linear":  # Ho et al. 2020
@@ -150,22 +148,10 @@ class Schedule:
 
 
 # --- Networks: the denoiser ε_θ(s, aₜ, t) and the twin critics Q_φ1, Q_φ2 (one ensemble network) ----------------
-class Mish(nn.Module):
-    """mish(x) = x·tanh(softplus(x)) = x·n/(n+2) with n = eˣ(eˣ+2): torch's nn.Mish (a test compares them) written
-    with one exp instead of exp, log1p and tanh, which compiles to faster CPU code. For x > 20, n/(n+2) = 1."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        e = torch.exp(x.clamp(max=20))
-        n = e * (e + 2)
-        return x * n / (n + 2)
-
-
 def mlp(in_dim: int, hidden_dims: tuple[int, ...], out_dim: int, act: type[nn.Module]) -> nn.Sequential:
-    layers, d = [], in_dim
-    for h in hidden_dims:
-        layers += [nn.Linear(d, h), act()]
-        d = h
-    return nn.Sequential(*layers, nn.Linear(d, out_dim))
+    dims = (in_dim, *hidden_dims)
+    layers = [m for i, o in zip(dims[:-1], dims[1:]) for m in (nn.Linear(i, o), act())]
+    return nn.Sequential(*layers, nn.Linear(dims[-1], out_dim))
 
 
 class FourierFeatures(nn.Module):
@@ -181,7 +167,8 @@ class FourierFeatures(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """ε_θ(s, aₜ, t): predicts the noise in aₜ; input [aₜ, s, time embedding], as in the official code."""
+    """ε_θ(s, aₜ, t): predicts the noise in aₜ; input [aₜ, s, time embedding], as in the official code; mish
+    activations (nn.Mish, in a form that compiles to faster CPU code: part two)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dims: tuple[int, ...], time_dim: int):
         super().__init__()
@@ -334,18 +321,6 @@ def qsm_loss(denoiser, qf, sched, batch, args: Args):
     return loss, diag
 
 
-@torch.no_grad()
-def policy_diagnostics(policy, qf, sched, s: torch.Tensor, act_dim: int, args: Args) -> dict[str, torch.Tensor]:
-    """What the acting sampler does at buffer states: the share of action coordinates it puts at ±1, and how often
-    its action beats a uniform random one under Q (≈ 1 for a policy that follows Q; ≤ 0.5 for a degenerate one)."""
-    a = ddpm_sample(policy, sched, s, act_dim, args.ddpm_temperature, args.clip_sampler)
-    qf.eval()
-    q_policy, q_random = qf(s, a).mean(0), qf(s, torch.rand_like(a) * 2 - 1).mean(0)
-    qf.train()
-    return {"policy/action_at_bounds": (a.abs() >= 1).float().mean(),
-            "policy/beats_random": (q_policy > q_random).float().mean()}
-
-
 # --- One update: a critic TD step, a QSM actor step, Polyak steps -------------------------------------------------
 @torch.no_grad()
 def polyak_update(net: nn.Module, target: nn.Module, tau: float):
@@ -470,8 +445,7 @@ def train(args: Args, stop: "Stop") -> dict:
         run.fail(e, step)
     finally:
         run.close(envs)
-    return {"rb": rb, "denoiser": denoiser, "qf": qf, "run_dir": run.dir, "num_updates": num_updates,
-            "global_step": step, "episodic_returns": list(returns)}
+    return dict(objects, run_dir=run.dir, num_updates=num_updates, global_step=step, episodic_returns=list(returns))
 
 
 # =================================================================================================================
@@ -503,11 +477,12 @@ def prepare(args: Args) -> Setup:
     obs_dim, act_dim = check_env(args)
     ckpt = load_checkpoint(args.checkpoint) if args.checkpoint else None
     for c, path in ((resume, args.resume), (ckpt, args.checkpoint)):
-        if c:
-            check_fits(c, path, args.env_id, (obs_dim, act_dim))
+        made_for = c and (c["args"]["env_id"], *c["dims"])
+        if c and made_for != (args.env_id, obs_dim, act_dim):
+            fail(f"{path} was made for {made_for[0]} (obs {made_for[1]}, act {made_for[2]}), not {args.env_id} (obs "
+                 f"{obs_dim}, act {act_dim}); pass --env-id {made_for[0]}")
     if ckpt:  # the architecture comes from the checkpoint
-        for k in ("actor_hidden_dims", "critic_hidden_dims", "critic_norm", "time_dim", "diffusion_steps",
-                  "beta_schedule"):
+        for k in ("actor_hidden_dims", "critic_hidden_dims", "critic_norm", "time_dim", "diffusion_steps", "beta_schedule"):
             setattr(args, k, ckpt["args"].get(k, getattr(Args, k)))
     init = dict(denoiser=ckpt.get("policy", ckpt["denoiser"]), qf=ckpt["qf"]) if ckpt else None
     return Setup(args, obs_dim, act_dim, resume, init)
@@ -528,11 +503,10 @@ def first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or ['(no message)'])[0]}"
 
 
-def check_args(args: Args):
-    a = args
-    checks = [
+def check_args(a: Args):
+    for ok, msg in [
         (0 <= a.seed < 2**31, f"--seed must be in [0, 2^31) (got {a.seed})"),
-        (a.num_envs >= 1 and a.batch_size >= 1 and a.utd_ratio >= 1 and a.diffusion_steps >= 1,
+        (min(a.num_envs, a.batch_size, a.utd_ratio, a.diffusion_steps) >= 1,
          "--num-envs, --batch-size, --utd-ratio and --diffusion-steps must be ≥ 1"),
         (a.batch_size <= a.buffer_size, f"--batch-size {a.batch_size} is larger than --buffer-size {a.buffer_size}"),
         (a.total_timesteps % a.num_envs == 0,
@@ -542,9 +516,8 @@ def check_args(args: Args):
         (network_bytes(a) < total_memory() / 4, f"networks of widths {a.actor_hidden_dims}, {a.critic_hidden_dims} "
          f"and --time-dim {a.time_dim} need {network_bytes(a) / 2**30:.1f} GiB with their optimizer states, more than "
          f"a quarter of this machine's memory"),
-        (a.learning_starts >= 0, f"--learning-starts must be ≥ 0 (got {a.learning_starts})"),
-        (a.eval_only or a.learning_starts < a.total_timesteps,
-         f"--learning-starts {a.learning_starts} ≥ --total-timesteps {a.total_timesteps}: no update would run"),
+        (a.eval_only or 0 <= a.learning_starts < a.total_timesteps, f"--learning-starts {a.learning_starts} must be "
+         f"in [0, --total-timesteps {a.total_timesteps}): no update would run"),
         (0 < a.tau <= 1 and 0 < a.actor_tau <= 1 and 0 <= a.gamma <= 1,
          "need 0 < --tau ≤ 1, 0 < --actor-tau ≤ 1 and 0 ≤ --gamma ≤ 1"),
         (a.critic_lr > 0 and a.actor_lr > 0, f"learning rates must be > 0 (got {a.critic_lr}, {a.actor_lr})"),
@@ -561,8 +534,7 @@ def check_args(args: Args):
          "--eval-episodes must be ≥ 1 when evaluating (or --eval-freq 0)"),
         (not a.eval_only or a.checkpoint, "--eval-only needs --checkpoint PATH"),
         (not a.track or importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
-    ]
-    for ok, msg in checks:
+    ]:
         if not ok:
             fail(msg)
 
@@ -571,12 +543,12 @@ def total_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def network_bytes(a: Args, obs_act: int = 1024) -> int:
+def network_bytes(a: Args, n: int = 1024) -> int:
     """A bound on the bytes of parameters, gradients, Adam moments and targets (×5), for observations and actions
-    of up to obs_act numbers (the env is not made yet)."""
-    widths = lambda first, hidden: list(zip((first, *hidden), (*hidden, obs_act)))  # noqa: E731
-    params = sum(i * o for i, o in widths(obs_act + 128, a.actor_hidden_dims) + widths(obs_act, a.critic_hidden_dims) * 2)
-    return 5 * 4 * (params + 128 * a.time_dim)
+    of up to n numbers each (the env is not made yet)."""
+    widths = lambda first, hidden: list(zip((first, *hidden), (*hidden, n)))  # noqa: E731
+    return 20 * (sum(i * o for i, o in widths(n + 128, a.actor_hidden_dims) + 2 * widths(n, a.critic_hidden_dims))
+                 + 128 * a.time_dim)
 
 
 TIME_LIMIT = 1000  # steps per episode for envs registered without one (MuJoCo's and DeepMind Control's length)
@@ -639,13 +611,11 @@ def allocate(capacity: int, shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
     """The replay buffer's float32 arrays. np.full, not np.zeros: it writes every page now, so a buffer too big for
     memory fails here, not hours later."""
     need = 4 * capacity * sum(math.prod(s) for s in shapes.values())  # bytes
-    try:
-        if need > total_memory():
-            raise MemoryError
-        return {k: np.full((capacity, *s), 0, np.float32) for k, s in shapes.items()}
-    except MemoryError:
-        fail(f"a replay buffer of {capacity:,} transitions needs {need / 2**30:.1f} GiB, more than this machine "
-             f"has; lower --buffer-size")
+    with contextlib.suppress(MemoryError):
+        if need <= total_memory():
+            return {k: np.full((capacity, *s), 0, np.float32) for k, s in shapes.items()}
+    fail(f"a replay buffer of {capacity:,} transitions needs {need / 2**30:.1f} GiB, more than this machine has; "
+         f"lower --buffer-size")
 
 
 # --- NaN guards ------------------------------------------------------------------------------------------------
@@ -654,10 +624,9 @@ def check_finite(source: str, step, last_good: str, **fields: np.ndarray):
     as float32, the buffer's type (1e39 is finite in float64, Inf in float32)."""
     for name, x in fields.items():
         with np.errstate(over="ignore"):
-            finite = np.isfinite(np.asarray(x, dtype=np.float32)).all()
-        if not finite:
-            fail(f"non-finite {name.replace('_', ' ')} from {source} at step {step}; it was not stored; last good "
-                 f"checkpoint: {last_good}")
+            if not np.isfinite(np.asarray(x, dtype=np.float32)).all():
+                fail(f"non-finite {name.replace('_', ' ')} from {source} at step {step}; it was not stored; last "
+                     f"good checkpoint: {last_good}")
 
 
 def check_metrics(metrics: dict[str, torch.Tensor], step: int, num_updates: int, last_good: str):
@@ -665,6 +634,29 @@ def check_metrics(metrics: dict[str, torch.Tensor], step: int, num_updates: int,
         bad = ", ".join(f"{k} = {float(v)}" for k, v in metrics.items() if not math.isfinite(float(v)))
         fail(f"non-finite {bad} at step {step} (update {num_updates}); last good checkpoint: {last_good} (resume "
              f"with --resume PATH)")
+
+
+# --- Diagnostics and a faster mish ------------------------------------------------------------------------------
+@torch.no_grad()
+def policy_diagnostics(policy, qf, sched, s: torch.Tensor, act_dim: int, args: Args) -> dict[str, torch.Tensor]:
+    """What the acting sampler does at buffer states: the share of action coordinates it puts at ±1, and how often
+    its action beats a uniform random one under Q (≈ 1 for a policy that follows Q; ≤ 0.5 for a degenerate one)."""
+    a = ddpm_sample(policy, sched, s, act_dim, args.ddpm_temperature, args.clip_sampler)
+    qf.eval()
+    q_policy, q_random = qf(s, a).mean(0), qf(s, torch.rand_like(a) * 2 - 1).mean(0)
+    qf.train()
+    return {"policy/action_at_bounds": (a.abs() >= 1).float().mean(),
+            "policy/beats_random": (q_policy > q_random).float().mean()}
+
+
+class Mish(nn.Module):
+    """mish(x) = x·tanh(softplus(x)) = x·n/(n+2) with n = eˣ(eˣ+2): torch's nn.Mish (a test compares them) written
+    with one exp instead of exp, log1p and tanh, which compiles to faster CPU code. For x > 20, n/(n+2) = 1."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = torch.exp(x.clamp(max=20))
+        n = e * (e + 2)
+        return x * n / (n + 2)
 
 
 # --- Signals and evaluation ----------------------------------------------------------------------------------------
@@ -756,12 +748,9 @@ class RNG:
 def env_state(envs: gym.vector.VectorEnv) -> Optional[bytes]:
     """The vector env pickled, where pickling keeps the episodes in flight. Gymnasium's MuJoCo envs are EzPickle:
     they pickle only their constructor arguments, so for them this is None and a resumed run starts new episodes."""
-    if any(isinstance(e.unwrapped, gym.utils.EzPickle) for e in envs.unwrapped.envs):
-        return None
-    try:
-        return pickle.dumps(envs)
-    except (pickle.PicklingError, TypeError, AttributeError):
-        return None
+    with contextlib.suppress(pickle.PicklingError, TypeError, AttributeError):
+        if not any(isinstance(e.unwrapped, gym.utils.EzPickle) for e in envs.unwrapped.envs):
+            return pickle.dumps(envs)
 
 
 def load_checkpoint(path: str, training: bool = False) -> dict:
@@ -779,13 +768,6 @@ def load_checkpoint(path: str, training: bool = False) -> dict:
     return ckpt
 
 
-def check_fits(ckpt: dict, path: str, env_id: str, dims: tuple[int, int]):
-    made_for, ours = (ckpt["args"]["env_id"], *ckpt["dims"]), (env_id, *dims)
-    if made_for != ours:
-        fail(f"{path} was made for {made_for[0]} (obs {made_for[1]}, act {made_for[2]}), not {env_id} (obs "
-             f"{dims[0]}, act {dims[1]}); pass --env-id {made_for[0]}")
-
-
 def save_checkpoint(path: str, state: dict):
     try:
         torch.save(state, path + ".tmp")
@@ -801,9 +783,8 @@ def make_run_dir(run_name: str) -> str:
     try:
         os.makedirs("runs", exist_ok=True)
         for i in itertools.count(1):
-            path = f"runs/{run_name}" if i == 1 else f"runs/{run_name}_{i}"
             with contextlib.suppress(FileExistsError):
-                os.mkdir(path)  # atomic: of two runs asking for one name, one gets it
+                os.mkdir(path := f"runs/{run_name}" + (f"_{i}" if i > 1 else ""))  # atomic: one run gets a name
                 return path
     except OSError as e:
         fail(f"cannot make a run folder in {os.getcwd()}/runs: {first_line(e)}")
@@ -814,31 +795,30 @@ def lock_run_dir(run_dir: str):
     try:
         f = open(f"{run_dir}/lock", "w")
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return f
     except BlockingIOError:
         fail(f"another process is running the run in {run_dir}; wait for it to end or stop it first")
     except OSError as e:
         fail(f"cannot write to the run folder {run_dir}: {first_line(e)}")
-    return f
 
 
 def restore(objects: dict, state: dict, path: str):
     """load_state_dict for each object; a checkpoint of another qsm.py version fails in one line saying what differs."""
     for k, obj in objects.items():
-        if k not in state:
-            fail(f"{path} does not fit this qsm.py: it has no {k!r}")
-        if isinstance(obj, nn.Module):
-            ours, theirs = obj.state_dict(), state[k]
-            diff = [f"{n} missing" for n in ours.keys() - theirs.keys()] + [f"{n} unknown" for n in theirs.keys() - ours.keys()]
-            diff += [f"{n} is {tuple(theirs[n].shape)}, here {tuple(ours[n].shape)}" for n in ours.keys() & theirs.keys()
-                     if theirs[n].shape != ours[n].shape]
-            if diff:
-                fail(f"{path} does not fit this qsm.py: in {k}, {'; '.join(sorted(diff)[:4])}")
+        ours, theirs = obj.state_dict() if isinstance(obj, nn.Module) else {}, state.get(k)
+        diff = [] if theirs is not None else [f"it has no {k!r}"]
+        if ours and theirs is not None:
+            diff = [f"in {k}, {n} missing" for n in ours.keys() - theirs.keys()] + [
+                f"in {k}, {n} unknown" for n in theirs.keys() - ours.keys()] + [
+                f"in {k}, {n} is {tuple(theirs[n].shape)}, here {tuple(ours[n].shape)}"
+                for n in ours.keys() & theirs.keys() if theirs[n].shape != ours[n].shape]
         try:
-            obj.load_state_dict(state[k])
+            if not diff:
+                obj.load_state_dict(theirs)
         except Exception as e:
-            fail(f"{path} does not fit this qsm.py: {k}: {first_line(e)}")
-
-
+            diff = [f"{k}: {first_line(e)}"]
+        if diff:
+            fail(f"{path} does not fit this qsm.py: {'; '.join(sorted(diff)[:4])}")
 
 
 class Run:

@@ -34,7 +34,7 @@ def last_line(p) -> str:
     return lines[0]
 
 
-def grid_flags(tmp_path, *algos, steps=400, seeds=("1",), tag="qsm", baseline_learning_starts=100) -> list[str]:
+def grid_flags(tmp_path, *algos, steps=400, seeds=("1",), tag="qsm", baseline_learning_starts=300) -> list[str]:
     return ["--envs", "Pendulum-v1", "--algos", *algos, "--seeds", *seeds, "--steps", str(steps), "--jobs", "2",
             "--checkpoint-freq", "200", "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs"),
             "--picture", str(tmp_path / "curves.png"), "--extra", TINY, "--tag", tag, "--reps", "100",
@@ -191,7 +191,7 @@ baselines.main()
 
 def test_a_baseline_killed_while_saving_resumes_with_every_episode_once(tmp_path):
     flags = ["--algo", "sac", "--env-id", "Pendulum-v1", "--steps", "600", "--out", str(tmp_path / "sac.csv"),
-             "--workdir", str(tmp_path / "run"), "--checkpoint-freq", "200", "--learning-starts", "100"]
+             "--workdir", str(tmp_path / "run"), "--checkpoint-freq", "200", "--learning-starts", "400"]
     crashed = subprocess.run([sys.executable, "-c", CRASH.format(bench=str(ROOT / "benchmarks")), *flags],
                              capture_output=True, text=True, env=ENV, timeout=300)
     assert crashed.returncode == 9 and not (tmp_path / "sac.csv").exists()
@@ -209,7 +209,7 @@ def test_a_baseline_killed_while_saving_resumes_with_every_episode_once(tmp_path
 # --- the other scripts -------------------------------------------------------------------------------------------
 def test_memory_samples_a_run_and_a_failed_run_changes_nothing(tmp_path):
     out = bench("memory.py", "--out", str(tmp_path / "memory.csv"), "--runs", str(tmp_path), "--", "--env-id",
-                "Pendulum-v1", "--total-timesteps", "1000", *TINY.split()).stdout
+                "Pendulum-v1", "--total-timesteps", "600", *TINY.split()).stdout
     training = [float(r["rss_mb"]) for r in rows(tmp_path / "memory.csv") if int(r["step"]) > 0]
     assert "(exit 0," in out and len(training) >= 2 and all(100 < mb < 5000 for mb in training), out
     before = (tmp_path / "memory.csv").read_text()
