@@ -66,7 +66,7 @@ class Args:
     critic_hidden_dims: tuple[int, ...] = (256, 256)
     """hidden widths of each critic MLP (relu; official: 512 512)"""
     critic_norm: Literal["none", "batch", "layer"] = "none"
-    """"batch": CrossQ's critic (batch renormalisation, (s, a) and (s', a') in one pass, no target critics);
+    """"batch": CrossQ's critic (batch renorm, (s, a) and (s', a') in one pass, no target critics, Adam β₁ 0.5);
     "layer": LayerNorm without affine parameters after every hidden layer of the critics (Ba et al. 2016)"""
     time_dim: int = 64
     """size of the learnable Fourier features of the diffusion step t ("time_dim" in the official code)"""
@@ -137,8 +137,7 @@ def make_beta_schedule(name: str, T: int) -> torch.Tensor:
 
 class Schedule:
     def __init__(self, name: str, T: int, device: torch.device):
-        self.T = T
-        self.betas = make_beta_schedule(name, T).to(device)  # β_t
+        self.T, self.betas = T, make_beta_schedule(name, T).to(device)  # β_t
         self.alphas = 1 - self.betas  # α_t
         self.alpha_bars = torch.cumprod(self.alphas, 0)  # ᾱ_t
         # the reverse step's constants as Python floats, so that sampling adds no tiny tensor ops
@@ -374,8 +373,9 @@ def train(args: Args, stop: "Stop") -> dict:
     if args.eval_only:
         return evaluate_only(policy, sched, args, device, stop)
 
-    q_opt = torch.optim.Adam(qf.parameters(), lr=args.critic_lr, fused=True)  # fused: one kernel for all params
-    actor_opt = torch.optim.Adam(denoiser.parameters(), lr=args.actor_lr, fused=True)
+    betas = (0.5 if args.critic_norm == "batch" else 0.9, 0.999)  # CrossQ lowers Adam's β₁ with its critic
+    q_opt = torch.optim.Adam(qf.parameters(), lr=args.critic_lr, betas=betas, fused=True)  # fused: one kernel
+    actor_opt = torch.optim.Adam(denoiser.parameters(), lr=args.actor_lr, betas=betas, fused=True)
     K = args.actor_lr_decay_steps  # cosine decay lr·½(1 + cos(π·min(k, K)/K)), as optax.cosine_decay_schedule
     actor_sched = torch.optim.lr_scheduler.LambdaLR(
         actor_opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, K) / K)) if K > 0 else 1.0)

@@ -119,6 +119,13 @@ def test_normalised_critics():
     assert torch.isfinite(loss) and qf.hidden[0].weight.grad.abs().sum() > 0
 
 
+def test_crossq_critic_trains_with_crossqs_adam(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = qsm.main(small_args(critic_norm="batch", total_timesteps=150))
+    betas = {g["betas"] for opt in ("q_opt", "actor_opt") for g in out[opt].param_groups}
+    assert out["num_updates"] == 50 and betas == {(0.5, 0.999)}  # β₁ 0.5 for both, as CrossQ
+
+
 def test_our_mish_is_torchs():
     x = torch.linspace(-30, 30, 100_001)
     torch.testing.assert_close(qsm.Mish()(x), nn.Mish()(x), rtol=1e-6, atol=1e-6)
