@@ -164,6 +164,7 @@ def test_ctrl_c_stops_the_grid_and_its_runs_save_and_a_run_dies_with_its_runner(
     assert p.returncode == 1 and err.strip().endswith(
         "learning.py: stopped; run the same command again to continue from the checkpoints"), err
     assert "Traceback" not in err and "stopped by SIGTERM at step" in log.read_text()
+    assert "stopped sac_Pendulum-v1_seed1: run the same command again" in out and "FAILED" not in out, out
 
     p = start()  # kill -9 of the runner: its run gets SIGTERM (it dies with it) and saves
     wait_for(lambda: "resuming sac Pendulum-v1 seed 1" in log.read_text(), timeout=120)
