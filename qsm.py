@@ -78,6 +78,8 @@ class Args:
     """M_q: ε_θ is regressed onto -M_q·∇ₐQ/ρ ("M_q" in the official code, α in Alg. 1 of the paper)"""
     normalize_q_grad: bool = True
     """ρ = RMS of ∇ₐQ over batch and action coordinates (M_q dimensionless); off: ρ = 1, the paper's (M_q = 50)"""
+    actor_actions: Literal["buffer", "policy"] = "buffer"
+    """a₀ of the actor's target (noised to aₜ): replay-buffer actions (the paper's) or the policy's own samples"""
     ddpm_temperature: float = 1.0
     """scale of the noise injected at each reverse step ("ddpm_temperature" in the official code)"""
     clip_sampler: bool = True
@@ -140,8 +142,7 @@ class Schedule:
         self.T, self.betas = T, make_beta_schedule(name, T).to(device)  # β_t
         self.alphas = 1 - self.betas  # α_t
         self.alpha_bars = torch.cumprod(self.alphas, 0)  # ᾱ_t
-        # the reverse step's constants as Python floats, so that sampling adds no tiny tensor ops
-        self.eps_coef = (self.betas / (1 - self.alpha_bars).sqrt()).tolist()  # β_t / √(1-ᾱ_t)
+        self.eps_coef = (self.betas / (1 - self.alpha_bars).sqrt()).tolist()  # β_t / √(1-ᾱ_t); floats: no tiny ops
         self.mean_coef = (1 / self.alphas.sqrt()).tolist()  # 1 / √α_t
         self.sigmas = self.betas.sqrt().tolist()  # σ_t = √β_t
 
@@ -166,8 +167,7 @@ class FourierFeatures(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """ε_θ(s, aₜ, t): predicts the noise in aₜ; input [aₜ, s, time embedding], as in the official code; mish
-    activations (nn.Mish, in a form that compiles to faster CPU code: part two)."""
+    """ε_θ(s, aₜ, t): the noise in aₜ, from [aₜ, s, time embedding] as in the official code (Mish: part two)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dims: tuple[int, ...], time_dim: int):
         super().__init__()
@@ -304,7 +304,9 @@ def critic_loss(qf, qf_target, policy, sched, batch, args: Args):
 
 
 def qsm_loss(denoiser, qf, sched, batch, args: Args):
-    a0, s = batch["actions"], batch["obs"]
+    s, a0 = batch["obs"], batch["actions"]  # a₀ ~ 𝒟, or a₀ ~ π(·|s) with --actor-actions policy
+    a0 = a0 if args.actor_actions == "buffer" else ddpm_sample(denoiser, sched, s, a0.shape[1], args.ddpm_temperature,
+                                                               args.clip_sampler)
     t = torch.randint(0, sched.T, (a0.shape[0],), device=a0.device)  # t ~ U{0..T-1}
     alpha_bar = sched.alpha_bars[t][:, None]
     a_t = alpha_bar.sqrt() * a0 + (1 - alpha_bar).sqrt() * torch.randn_like(a0)  # forward process q(aₜ|a₀)
@@ -314,8 +316,7 @@ def qsm_loss(denoiser, qf, sched, batch, args: Args):
     eps = denoiser(s, a_t, t)  # ε_θ(s, aₜ, t)
     loss = ((eps + args.q_grad_scale * dq_da / rho) ** 2).sum(-1).mean()  # ‖ε_θ + M_q ∇ₐQ/ρ‖²
     with torch.no_grad():  # diagnostics: the score -ε_θ should point along ∇ₐQ
-        align = F.cosine_similarity(-eps, dq_da, dim=-1).mean()
-        diag = {"losses/actor_loss": loss.detach(), "qsm/score_alignment": align,
+        diag = {"losses/actor_loss": loss.detach(), "qsm/score_alignment": F.cosine_similarity(-eps, dq_da, -1).mean(),
                 "qsm/dq_da_norm": dq_da.norm(dim=-1).mean(), "qsm/eps_norm": eps.norm(dim=-1).mean()}
     return loss, diag
 
@@ -328,8 +329,7 @@ def polyak_update(net: nn.Module, target: nn.Module, tau: float):
 
 def make_update(denoiser, policy, qf, qf_target, q_opt, actor_opt, sched, args: Args):
     """Returns update(batch) -> metrics (tensors: no host sync). policy: the denoiser that acts and samples a' (ε_θ
-    itself, or its Polyak average with --actor-tau < 1). With --compile both losses, forward and backward, run as
-    inductor-compiled graphs."""
+    itself, or its Polyak average with --actor-tau < 1). --compile: both losses run as inductor graphs."""
     critic_step, actor_step = (torch.compile(critic_loss), torch.compile(qsm_loss)) if args.compile else (critic_loss, qsm_loss)
 
     def update(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -270,6 +270,18 @@ def test_qsm_target_does_not_depend_on_the_scale_of_q():
     assert loss(1000.0, normalize_q_grad=False) > 100 * loss(1.0, normalize_q_grad=False)
 
 
+def test_actor_target_at_the_policys_own_samples():
+    # --actor-actions policy: a₀ is ε_θ's own sample at s, so the buffer's actions do not enter the actor's loss
+    den, sched, s = qsm.Denoiser(4, 2, (32, 32), 8), qsm.Schedule("vp", 5, torch.device("cpu")), torch.randn(64, 4)
+
+    def loss(actions, **kw):
+        torch.manual_seed(0)
+        return qsm.qsm_loss(den, AnalyticQ(quadratic_q(1.0)), sched, {"obs": s, "actions": actions}, qsm.Args(**kw))[0]
+
+    a, b = torch.rand(64, 2) * 2 - 1, torch.rand(64, 2) * 2 - 1
+    assert loss(a, actor_actions="policy") == loss(b, actor_actions="policy") and loss(a) != loss(b)
+
+
 # --- no gradient leaks ---------------------------------------------------------------------------------------
 def test_losses_touch_only_their_own_network():
     torch.manual_seed(0)
