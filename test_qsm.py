@@ -202,6 +202,10 @@ def quadratic_q(k):
     return lambda s, a: -k * ((a - mu(s)) ** 2).sum(-1)
 
 
+def bimodal_q(k):  # a bandit's Q (one state) with two equal maxima, a = -0.6 and a = +0.6
+    return lambda s, a: -k * torch.minimum((a - 0.6) ** 2, (a + 0.6) ** 2).sum(-1)
+
+
 def sampled_actions_vs_argmax(den, sched, s) -> tuple[float, float, float]:
     """The acting sampler (T reverse steps, injected noise, clipped) at states s: mean distance of its actions to
     argmax Q, the same for uniform random actions, and the share of coordinates at ±1."""
@@ -243,10 +247,9 @@ def test_the_papers_target_saturates_the_sampler_at_mujoco_scale():
 
 
 def test_two_equal_optima_give_a_bimodal_policy_at_every_critic_scale():
-    # a bandit (one state) whose Q has two equal maxima, a = -0.6 and a = +0.6 (the paper's multimodality claim)
-    q_at = lambda k: lambda s, a: -k * torch.minimum((a - 0.6) ** 2, (a + 0.6) ** 2).sum(-1)  # noqa: E731
-    den, _, sched, args = train_qsm(q_at(3.0), 1, 1, steps=1000, sample_states=lambda n: torch.zeros(n, 1))
-    assert same_target_at_every_scale(den, q_at, sched, {"obs": torch.zeros(256, 1), "actions": torch.rand(256, 1) * 2 - 1},
+    # the paper's multimodality claim: two equal maxima of Q give two modes of the policy
+    den, _, sched, args = train_qsm(bimodal_q(3.0), 1, 1, steps=1000, sample_states=lambda n: torch.zeros(n, 1))
+    assert same_target_at_every_scale(den, bimodal_q, sched, {"obs": torch.zeros(256, 1), "actions": torch.rand(256, 1) * 2 - 1},
                                       args)
     torch.manual_seed(7)
     a = qsm.ddpm_sample(den, sched, torch.zeros(4000, 1), 1)[:, 0]

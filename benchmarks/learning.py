@@ -157,9 +157,9 @@ def run_one(algo: str, env: str, seed: int, o, started=None) -> str:
                 started(proc)
             rc = proc.wait()
             RUNNER.procs.discard(proc)
-        finished = qsm_run_dirs(folder, o, finished=True) if algo == "qsm" else []
         if RUNNER.stopping and rc != 0:  # stopped by Ctrl-C or SIGTERM: the run has saved its checkpoint
             return f"stopped {out.stem}: run the same command again to continue it"
+        finished = qsm_run_dirs(folder, o, finished=True) if algo == "qsm" else []
         if rc != 0 or not (finished if algo == "qsm" else out.exists()):
             last = next((l for l in reversed(log.read_text(errors="replace").splitlines()) if l.strip()), "")
             return f"FAILED {out.stem} (exit {rc}: {last[-200:]}), see {log}; re-run to continue from its checkpoint"

@@ -36,8 +36,7 @@ def main():
         print(f"  argmax, k = {k}: alignment {diag['qsm/score_alignment']:.3f} (≥ 0.97), distance / uniform's "
               f"{dist / uniform:.2f} (≤ 0.33), at ±1 {at_bounds:.2f} (< 0.1): {'PASS' if ok else 'FAIL'}")
     for k in t.SCALES:
-        q_fn = lambda s, a, k=k: -k * torch.minimum((a - 0.6) ** 2, (a + 0.6) ** 2).sum(-1)  # noqa: E731
-        den, _, sched, _ = t.train_qsm(q_fn, 1, 1, steps=o.steps * 2 // 3,
+        den, _, sched, _ = t.train_qsm(t.bimodal_q(k), 1, 1, steps=o.steps * 2 // 3,
                                        sample_states=lambda n: torch.zeros(n, 1), **flags)
         torch.manual_seed(7)
         a = qsm.ddpm_sample(den, sched, torch.zeros(4000, 1), 1)[:, 0]
