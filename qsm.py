@@ -80,6 +80,8 @@ class Args:
     """ρ = RMS of ∇ₐQ over batch and action coordinates (M_q dimensionless); off: ρ = 1, the paper's (M_q = 50)"""
     actor_actions: Literal["buffer", "policy"] = "buffer"
     """a₀ of the actor's target (noised to aₜ): replay-buffer actions (the paper's) or the policy's own samples"""
+    action_samples: int = 1
+    """N: act (and evaluate) with the best of N policy samples under the critics' mean Q (1: one sample, the paper's)"""
     ddpm_temperature: float = 1.0
     """scale of the noise injected at each reverse step ("ddpm_temperature" in the official code)"""
     clip_sampler: bool = True
@@ -285,6 +287,19 @@ def ddpm_sample(denoiser: Denoiser, sched: Schedule, s: torch.Tensor, act_dim: i
     return a.clamp(-1, 1)
 
 
+@torch.no_grad()
+def act(policy: Denoiser, qf: "TwinQ", sched: Schedule, s: torch.Tensor, act_dim: int, args: Args) -> torch.Tensor:
+    """The acting policy: a ~ π(·|s); with --action-samples N > 1, argmax over N samples aᵢ ~ π(·|s) of Q(s, aᵢ)
+    (selection among samples as in QVPO and SDAC; the critic target still samples one a' ~ π)."""
+    n = args.action_samples
+    s = s.repeat_interleave(n, 0)
+    a = ddpm_sample(policy, sched, s, act_dim, args.ddpm_temperature, args.clip_sampler)
+    if n > 1:
+        best = qf(s, a).mean(0).view(-1, n).argmax(1)  # (B,): index of the best sample of each state
+        a = a.view(-1, n, act_dim)[torch.arange(best.shape[0], device=s.device), best]
+    return a
+
+
 # --- Losses. Critic: clipped double-Q TD target. Actor: Q-score matching, ‖ε_θ(s, aₜ, t) + M_q·∇ₐQ(s, aₜ)/ρ‖² ------
 def critic_loss(qf, qf_target, policy, sched, batch, args: Args):
     with torch.no_grad():
@@ -333,13 +348,13 @@ def make_update(denoiser, policy, qf, qf_target, q_opt, actor_opt, sched, args: 
     critic_step, actor_step = (torch.compile(critic_loss), torch.compile(qsm_loss)) if args.compile else (critic_loss, qsm_loss)
 
     def update(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        qf.train()  # batch statistics in the critic's own step; elsewhere (∇ₐQ, acting) the running ones
         q_loss, q_info = critic_step(qf, qf_target, policy, sched, batch, args)
         q_opt.zero_grad()
         q_loss.backward()
         q_opt.step()
-        qf.eval()  # ∇ₐQ with the critic's running statistics (only batch renormalisation has any)
+        qf.eval()  # (only batch renormalisation has statistics)
         actor_loss, a_info = actor_step(denoiser, qf, sched, batch, args)
-        qf.train()
         actor_opt.zero_grad()
         actor_loss.backward()
         actor_opt.step()
@@ -364,14 +379,14 @@ def train(args: Args, stop: "Stop") -> dict:
 
     sched = Schedule(args.beta_schedule, args.diffusion_steps, device)
     denoiser = Denoiser(obs_dim, act_dim, args.actor_hidden_dims, args.time_dim).to(device)  # ε_θ
-    qf = TwinQ(obs_dim, act_dim, args.critic_hidden_dims, norm=args.critic_norm).to(device)  # Q_φ1, Q_φ2
+    qf = TwinQ(obs_dim, act_dim, args.critic_hidden_dims, norm=args.critic_norm).to(device).eval()  # Q_φ1, Q_φ2
     qf_target = TwinQ(obs_dim, act_dim, args.critic_hidden_dims, norm=args.critic_norm).to(device)  # Q̄
     if setup.init:  # --checkpoint: the networks of a saved run
         restore(dict(denoiser=denoiser, qf=qf), setup.init, args.checkpoint)
     qf_target.load_state_dict(qf.state_dict())
     policy = copy.deepcopy(denoiser) if args.actor_tau < 1 else denoiser  # the denoiser that acts
     if args.eval_only:
-        return evaluate_only(policy, sched, args, device, stop)
+        return evaluate_only(policy, qf, sched, args, device, stop)
 
     betas = (0.5 if args.critic_norm == "batch" else 0.9, 0.999)  # CrossQ lowers Adam's β₁ with its critic
     q_opt = torch.optim.Adam(qf.parameters(), lr=args.critic_lr, betas=betas, fused=True)  # fused: one kernel
@@ -380,7 +395,7 @@ def train(args: Args, stop: "Stop") -> dict:
     actor_sched = torch.optim.lr_scheduler.LambdaLR(
         actor_opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, K) / K)) if K > 0 else 1.0)
     update = make_update(denoiser, policy, qf, qf_target, q_opt, actor_opt, sched, args)
-    sample = torch.compile(ddpm_sample) if args.compile else ddpm_sample
+    sample = torch.compile(act) if args.compile else act
     rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim, device)
     rng = RNG(args.seed, device)
     # same-step autoreset: every step is a transition; an ended episode's last obs is in infos["final_obs"]
@@ -400,7 +415,7 @@ def train(args: Args, stop: "Stop") -> dict:
                 actions = rng.np.uniform(-1, 1, (args.num_envs, act_dim)).astype(np.float32)
             else:
                 s = torch.as_tensor(obs, dtype=torch.float32, device=device)
-                a = sample(policy, sched, s, act_dim, args.ddpm_temperature, args.clip_sampler)
+                a = sample(policy, qf, sched, s, act_dim, args)
                 actions = (a + args.exploration_noise * torch.randn_like(a)).clamp(-1, 1).cpu().numpy()
             check_finite("the policy", step + 1, run.last_good, action=actions)
             next_obs, rewards, terminations, truncations, infos = envs.step(to_env_action(actions, act_space))
@@ -432,7 +447,7 @@ def train(args: Args, stop: "Stop") -> dict:
                                 **policy_diagnostics(policy, qf, sched, states, act_dim, args)}
                 run.log(step, metrics, returns)
             if every(args.eval_freq):
-                ep_returns = evaluate(policy, sched, args, device, stop, run.video(step))
+                ep_returns = evaluate(policy, qf, sched, args, device, stop, run.video(step))
                 if ep_returns is not None:  # None: cut by a stop signal
                     writer.add_scalar("eval/episodic_return", np.mean(ep_returns), step)
             if every(args.checkpoint_freq):
@@ -506,8 +521,8 @@ def first_line(e: BaseException) -> str:
 def check_args(a: Args):
     for ok, msg in [
         (0 <= a.seed < 2**31, f"--seed must be in [0, 2^31) (got {a.seed})"),
-        (min(a.num_envs, a.batch_size, a.utd_ratio, a.diffusion_steps) >= 1,
-         "--num-envs, --batch-size, --utd-ratio and --diffusion-steps must be ≥ 1"),
+        (min(a.num_envs, a.batch_size, a.utd_ratio, a.diffusion_steps, a.action_samples) >= 1,
+         "--num-envs, --batch-size, --utd-ratio, --diffusion-steps and --action-samples must be ≥ 1"),
         (a.batch_size <= a.buffer_size, f"--batch-size {a.batch_size} is larger than --buffer-size {a.buffer_size}"),
         (a.total_timesteps % a.num_envs == 0,
          f"--total-timesteps {a.total_timesteps} is not a multiple of --num-envs {a.num_envs}"),
@@ -642,9 +657,7 @@ def policy_diagnostics(policy, qf, sched, s: torch.Tensor, act_dim: int, args: A
     """What the acting sampler does at buffer states: the share of action coordinates it puts at ±1, and how often
     its action beats a uniform random one under Q (≈ 1 for a policy that follows Q; ≤ 0.5 for a degenerate one)."""
     a = ddpm_sample(policy, sched, s, act_dim, args.ddpm_temperature, args.clip_sampler)
-    qf.eval()
     q_policy, q_random = qf(s, a).mean(0), qf(s, torch.rand_like(a) * 2 - 1).mean(0)
-    qf.train()
     return {"policy/action_at_bounds": (a.abs() >= 1).float().mean(),
             "policy/beats_random": (q_policy > q_random).float().mean()}
 
@@ -697,7 +710,7 @@ class Stop:
               f"(Ctrl-C) exits at once without saving (the last checkpoint stays whole)", file=sys.stderr)
 
 
-def evaluate(policy, sched, args: Args, device, stop: Stop, video: Optional[tuple[str, str]] = None):
+def evaluate(policy, qf, sched, args: Args, device, stop: Stop, video: Optional[tuple[str, str]] = None):
     """Returns of --eval-episodes episodes of DDPM-sampled actions without exploration noise, or None if a stop
     signal came first. video = (folder, file prefix): record the first episode."""
     env = make_env(args.env_id, render=video is not None)
@@ -709,7 +722,7 @@ def evaluate(policy, sched, args: Args, device, stop: Stop, video: Optional[tupl
         done, ep_return = False, 0.0
         while not (done or stop):
             s = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
-            a = ddpm_sample(policy, sched, s, env.action_space.shape[0], args.ddpm_temperature, args.clip_sampler)
+            a = act(policy, qf, sched, s, env.action_space.shape[0], args)
             obs, r, terminated, truncated, _ = env.step(to_env_action(a[0].cpu().numpy(), env.action_space))
             check_finite(f"{args.env_id} in evaluation episode {len(returns) + 1}", "its end", "unchanged", reward=r,
                          observation=obs)
@@ -720,9 +733,9 @@ def evaluate(policy, sched, args: Args, device, stop: Stop, video: Optional[tupl
     return None if stop else returns
 
 
-def evaluate_only(policy, sched, args: Args, device, stop: Stop) -> dict:
+def evaluate_only(policy, qf, sched, args: Args, device, stop: Stop) -> dict:
     video = (f"videos/{args.env_id.replace('/', '-')}__eval__{int(time.time())}", "eval") if args.capture_video else None
-    returns = evaluate(policy, sched, args, device, stop, video)
+    returns = evaluate(policy, qf, sched, args, device, stop, video)
     print(f"eval {args.env_id}: return {np.mean(returns):.1f} ± {np.std(returns):.1f} over {len(returns)} episodes")
     return {"eval_returns": returns}
 
@@ -846,7 +859,7 @@ class Run:
             print("qsm.py: compiling the update and the sampler (--no-compile skips this)", file=sys.stderr)
             rb = objects["rb"]
             update({k: torch.zeros(args.batch_size, *getattr(rb, k).shape[1:], device=device) for k in rb.FIELDS})
-            sample(objects["policy"], sched, torch.zeros(args.num_envs, obs_dim, device=device), act_dim)
+            sample(objects["policy"], objects["qf"], sched, torch.zeros(args.num_envs, obs_dim, device=device), act_dim, args)
             for k, state in saved.items():
                 objects[k].load_state_dict(state)
 
