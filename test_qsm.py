@@ -285,6 +285,21 @@ def test_actor_target_at_the_policys_own_samples():
     assert loss(a, actor_actions="policy") == loss(b, actor_actions="policy") and loss(a) != loss(b)
 
 
+def test_acting_with_the_best_of_n_samples():
+    # --action-samples N: of N samples aᵢ ~ π(·|s), the one with the highest mean Q of the twin critics acts
+    torch.manual_seed(0)
+    den, qf, sched = qsm.Denoiser(3, 2, (16, 16), 8), qsm.TwinQ(3, 2, (16, 16)), qsm.Schedule("vp", 5, torch.device("cpu"))
+    s, n = torch.randn(300, 3), 16
+    torch.manual_seed(1)
+    a = qsm.act(den, qf, sched, s, 2, qsm.Args(action_samples=n))
+    torch.manual_seed(1)
+    samples = qsm.ddpm_sample(den, sched, s.repeat_interleave(n, 0), 2).view(300, n, 2)
+    q = qf(s.repeat_interleave(n, 0), samples.view(-1, 2)).mean(0).view(300, n)
+    torch.testing.assert_close(a, samples[torch.arange(300), q.argmax(1)], rtol=0, atol=0)
+    one = qsm.act(den, qf, sched, s, 2, qsm.Args())
+    assert one.shape == a.shape == (300, 2) and (qf(s, a).mean(0) >= qf(s, one).mean(0)).float().mean() > 0.9
+
+
 # --- no gradient leaks ---------------------------------------------------------------------------------------
 def test_losses_touch_only_their_own_network():
     torch.manual_seed(0)
