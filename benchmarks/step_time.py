@@ -36,14 +36,15 @@ def main():
     p.add_argument("--learning-starts", type=int, default=1000)
     p.add_argument("--critic-norm", default="none", choices=["none", "batch", "layer"])
     p.add_argument("--width", type=int, default=256, help="hidden width of both networks")
+    p.add_argument("--action-samples", type=int, default=1, help="N: act with the best of N samples")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager (a quick check that it runs)")
     o = p.parse_args()
     make_update, compile_ = qsm.make_update, torch.compile
     qsm.make_update = lambda *a, **k: timed("update", make_update(*a, **k))
-    torch.compile = lambda fn, *a, **k: timed("act", compile_(fn, *a, **k)) if fn is qsm.ddpm_sample else compile_(fn, *a, **k)
-    if not o.compile:  # acting calls ddpm_sample itself: time the calls on one state (a' and diagnostics use batches)
-        sample, act = qsm.ddpm_sample, timed("act", qsm.ddpm_sample)
-        qsm.ddpm_sample = lambda denoiser, sched, s, *a, **k: (act if len(s) == 1 else sample)(denoiser, sched, s, *a, **k)
+    act = qsm.act  # the acting policy: compiled by train with --compile, called as it is otherwise
+    torch.compile = lambda fn, *a, **k: timed("act", compile_(fn, *a, **k)) if fn is act else compile_(fn, *a, **k)
+    if not o.compile:
+        qsm.act = timed("act", act)
     for cls, name in ((qsm.ReplayBuffer, "sample"), (qsm.ReplayBuffer, "add")):
         setattr(cls, name, timed(f"buffer {name}", getattr(cls, name)))
     for name in ("check_finite", "check_metrics", "policy_diagnostics"):
@@ -52,10 +53,11 @@ def main():
     torch.set_num_threads(1)
     qsm.main(qsm.Args(env_id=o.env_id, total_timesteps=o.steps, learning_starts=o.learning_starts, eval_freq=0,
                       cuda=False, checkpoint_freq=0, critic_norm=o.critic_norm, compile=o.compile,
+                      action_samples=o.action_samples,
                       actor_hidden_dims=(o.width, o.width), critic_hidden_dims=(o.width, o.width)))
     learning = o.steps - o.learning_starts
     print(f"# {o.env_id}, {learning} learning steps, {'compiled' if o.compile else 'eager'}, one thread, width "
-          f"{o.width}, critic norm {o.critic_norm}")
+          f"{o.width}, critic norm {o.critic_norm}, {o.action_samples} action sample(s)")
     for k, v in sorted(SECONDS.items(), key=lambda kv: -kv[1]):
         print(f"{k:34s} {v:8.2f} s {1e3 * v / learning:8.2f} ms per learning step")
     print(f"{'all parts':34s} {sum(SECONDS.values()):8.2f} s")
