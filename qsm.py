@@ -82,6 +82,8 @@ class Args:
     """a₀ of the actor's target (noised to aₜ): replay-buffer actions (the paper's) or the policy's own samples"""
     action_samples: int = 1
     """N: act (and evaluate) with the best of N policy samples under the critics' mean Q (1: one sample, the paper's)"""
+    target_action_samples: int = 1
+    """a' in the critic target: the best of this many policy samples under the target critics' mean Q (1: one sample)"""
     ddpm_temperature: float = 1.0
     """scale of the noise injected at each reverse step ("ddpm_temperature" in the official code)"""
     clip_sampler: bool = True
@@ -288,10 +290,11 @@ def ddpm_sample(denoiser: Denoiser, sched: Schedule, s: torch.Tensor, act_dim: i
 
 
 @torch.no_grad()
-def act(policy: Denoiser, qf: "TwinQ", sched: Schedule, s: torch.Tensor, act_dim: int, args: Args) -> torch.Tensor:
-    """The acting policy: a ~ π(·|s); with --action-samples N > 1, argmax over N samples aᵢ ~ π(·|s) of Q(s, aᵢ)
-    (selection among samples as in QVPO and SDAC; the critic target still samples one a' ~ π)."""
-    n = args.action_samples
+def act(policy: Denoiser, qf: "TwinQ", sched: Schedule, s: torch.Tensor, act_dim: int, args: Args,
+        n: Optional[int] = None) -> torch.Tensor:
+    """The acting policy: a ~ π(·|s); with N = --action-samples > 1, argmax over N samples aᵢ ~ π(·|s) of Q(s, aᵢ)
+    (selection among samples as in QVPO and SDAC). n: another N (the critic target's)."""
+    n = n or args.action_samples
     s = s.repeat_interleave(n, 0)
     a = ddpm_sample(policy, sched, s, act_dim, args.ddpm_temperature, args.clip_sampler)
     if n > 1:
@@ -303,8 +306,8 @@ def act(policy: Denoiser, qf: "TwinQ", sched: Schedule, s: torch.Tensor, act_dim
 # --- Losses. Critic: clipped double-Q TD target. Actor: Q-score matching, ‖ε_θ(s, aₜ, t) + M_q·∇ₐQ(s, aₜ)/ρ‖² ------
 def critic_loss(qf, qf_target, policy, sched, batch, args: Args):
     with torch.no_grad():
-        next_a = ddpm_sample(policy, sched, batch["next_obs"], batch["actions"].shape[1], args.ddpm_temperature,
-                             args.clip_sampler)  # a' ~ π(·|s')
+        next_a = act(policy, qf_target, sched, batch["next_obs"], batch["actions"].shape[1], args,
+                     args.target_action_samples)  # a' ~ π(·|s'), or the best of N under Q̄
         at_bounds = (next_a.abs() >= 1).float().mean()  # a saturated sampler puts most coordinates at ±1
         next_a = (next_a + args.target_noise * torch.randn_like(next_a)).clamp(-1, 1)
     if args.critic_norm == "batch":  # CrossQ: Q(s, a) and Q(s', a') in one pass of the critic, no target critic
@@ -521,8 +524,10 @@ def first_line(e: BaseException) -> str:
 def check_args(a: Args):
     for ok, msg in [
         (0 <= a.seed < 2**31, f"--seed must be in [0, 2^31) (got {a.seed})"),
-        (min(a.num_envs, a.batch_size, a.utd_ratio, a.diffusion_steps, a.action_samples) >= 1,
-         "--num-envs, --batch-size, --utd-ratio, --diffusion-steps and --action-samples must be ≥ 1"),
+        (min(a.num_envs, a.batch_size, a.utd_ratio, a.diffusion_steps, a.action_samples, a.target_action_samples) >= 1,
+         "--num-envs, --batch-size, --utd-ratio, --diffusion-steps and --(target-)action-samples must be ≥ 1"),
+        (a.target_action_samples == 1 or a.critic_norm != "batch", "--target-action-samples needs target critics "
+         "to choose with; --critic-norm batch has none"),
         (a.batch_size <= a.buffer_size, f"--batch-size {a.batch_size} is larger than --buffer-size {a.buffer_size}"),
         (a.total_timesteps % a.num_envs == 0,
          f"--total-timesteps {a.total_timesteps} is not a multiple of --num-envs {a.num_envs}"),

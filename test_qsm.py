@@ -300,6 +300,22 @@ def test_acting_with_the_best_of_n_samples():
     assert one.shape == a.shape == (300, 2) and (qf(s, a).mean(0) >= qf(s, one).mean(0)).float().mean() > 0.9
 
 
+def test_critic_target_with_the_best_of_n_samples(monkeypatch):
+    # --target-action-samples N: a' is chosen by the target critics among N samples, so Q̄(s', a') rises with N
+    torch.manual_seed(0)
+    den, qf_t, sched = qsm.Denoiser(3, 2, (16, 16), 8), qsm.TwinQ(3, 2, (16, 16)), qsm.Schedule("vp", 5, torch.device("cpu"))
+    batch = {"obs": torch.randn(300, 3), "next_obs": torch.randn(300, 3), "actions": torch.rand(300, 2) * 2 - 1,
+             "rewards": torch.zeros(300), "terminated": torch.zeros(300)}
+    calls, real_act = [], qsm.act
+    monkeypatch.setattr(qsm, "act", lambda *a, **k: calls.append((a[1], a[-1])) or calls.append(real_act(*a, **k)) or calls[-1])
+    for n in (1, 8):
+        qsm.critic_loss(qsm.TwinQ(3, 2, (16, 16)), qf_t, den, sched, batch, qsm.Args(target_action_samples=n, target_noise=0))
+    (chooser1, n1), a1, (chooser8, n8), a8 = calls
+    assert chooser1 is chooser8 is qf_t and (n1, n8) == (1, 8)
+    q = lambda a: qf_t(batch["next_obs"], a).mean(0)  # noqa: E731
+    assert (q(a8) >= q(a1)).float().mean() > 0.9
+
+
 # --- no gradient leaks ---------------------------------------------------------------------------------------
 def test_losses_touch_only_their_own_network():
     torch.manual_seed(0)
@@ -477,7 +493,8 @@ gym.register("Qsm2DAction-v0", entry_point=lambda: BadEnv(gym.spaces.Box(-1, 1, 
     (dict(env_id="NoSuchEnv-v0"), "cannot make environment 'NoSuchEnv-v0'"),
     (dict(env_id="Walker2d-v2"), "cannot make environment 'Walker2d-v2': ImportError: The mujoco v2 and v3"),
     (dict(seed=-1), "--seed must be in [0, 2^31)"),
-    (dict(diffusion_steps=0), "--diffusion-steps must be ≥ 1"),
+    (dict(action_samples=0), "--diffusion-steps and --(target-)action-samples must be ≥ 1"),
+    (dict(target_action_samples=4, critic_norm="batch"), "--target-action-samples needs target critics"),
     (dict(batch_size=512, buffer_size=256), "larger than --buffer-size"),
     (dict(learning_starts=300, total_timesteps=300), "no update would run"),
     (dict(actor_lr=-3e-4), "learning rates must be > 0"),
