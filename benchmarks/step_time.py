@@ -37,6 +37,7 @@ def main():
     p.add_argument("--critic-norm", default="none", choices=["none", "batch", "layer"])
     p.add_argument("--width", type=int, default=256, help="hidden width of both networks")
     p.add_argument("--action-samples", type=int, default=1, help="N: act with the best of N samples")
+    p.add_argument("--target-action-samples", type=int, default=1, help="a' in the critic target: the best of N")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager (a quick check that it runs)")
     o = p.parse_args()
     make_update, compile_ = qsm.make_update, torch.compile
@@ -53,11 +54,11 @@ def main():
     torch.set_num_threads(1)
     qsm.main(qsm.Args(env_id=o.env_id, total_timesteps=o.steps, learning_starts=o.learning_starts, eval_freq=0,
                       cuda=False, checkpoint_freq=0, critic_norm=o.critic_norm, compile=o.compile,
-                      action_samples=o.action_samples,
+                      action_samples=o.action_samples, target_action_samples=o.target_action_samples,
                       actor_hidden_dims=(o.width, o.width), critic_hidden_dims=(o.width, o.width)))
     learning = o.steps - o.learning_starts
     print(f"# {o.env_id}, {learning} learning steps, {'compiled' if o.compile else 'eager'}, one thread, width "
-          f"{o.width}, critic norm {o.critic_norm}, {o.action_samples} action sample(s)")
+          f"{o.width}, critic norm {o.critic_norm}, {o.action_samples} action sample(s), {o.target_action_samples} for a'")
     for k, v in sorted(SECONDS.items(), key=lambda kv: -kv[1]):
         print(f"{k:34s} {v:8.2f} s {1e3 * v / learning:8.2f} ms per learning step")
     print(f"{'all parts':34s} {sum(SECONDS.values()):8.2f} s")
