@@ -267,6 +267,8 @@ def test_diagnostics_exported_and_final_policies_evaluated_once_each_a_bad_check
     bench("evaluate.py", run_dir, "--temperatures", "1", "0.5", "0.5", "--episodes", "1", "--out", str(tmp_path / "e.csv"))
     again = rows(tmp_path / "e.csv")  # only the missing temperature, once
     assert again[:2] == got and [float(r["temperature"]) for r in again] == [0, 1, 0.5]
+    row = bench("spread.py", run_dir, "--states", "20", "--samples", "16").stdout.splitlines()[2].split("|")
+    assert 0 < float(row[3]) < 1.2 and 0 <= float(row[4]) <= 1, row  # std per coordinate ≤ 1 on [-1, 1]; a share
     bench("diagnostics.py", run_dir, "--windows", "150-300", "--out", str(tmp_path / "d.csv"))
     diag = {r["tag"]: float(r["mean"]) for r in rows(tmp_path / "d.csv")}
     for tag in ("policy/action_at_bounds", "policy/next_action_at_bounds", "policy/beats_random"):
