@@ -563,7 +563,7 @@ def test_cli_bad_input_is_one_line(tmp_path):
 def test_learns_pendulum(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = qsm.main(qsm.Args(env_id="Pendulum-v1", seed=1, total_timesteps=4000, learning_starts=1000,
-                            actor_hidden_dims=(128, 128), critic_hidden_dims=(128, 128), eval_freq=0, cuda=False,
+                            actor_hidden_dims=(64, 64), critic_hidden_dims=(64, 64), eval_freq=0, cuda=False,
                             compile=False))  # eager: the compiled update is the same (test_compiled_update_matches_eager)
     last = out["episodic_returns"]  # the last 10 training episodes, steps 2000-4000 (random policy ≈ -1200)
     assert len(last) == 10 and np.mean(last) >= -600, last  # swung up and held: ≈ -150 per episode

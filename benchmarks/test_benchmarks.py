@@ -100,9 +100,9 @@ def submit_processes(tmp_path) -> list[int]:
 def test_submitit_local_launcher_runs_the_grid_and_a_preempted_job_continues_its_run(tmp_path):
     """learning.py --launcher submitit-local, end to end: submit, preempt (SIGUSR2, what Slurm sends), requeue,
     resume, CSV and table. The Slurm launcher differs from it only in the executor."""
-    budget = 1600
+    budget = 1000
     p = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "learning.py"), "--launcher", "submitit-local",
-                          *grid_flags(tmp_path, "qsm", "sac", steps=budget, baseline_learning_starts=1000)],
+                          *grid_flags(tmp_path, "qsm", "sac", steps=budget, baseline_learning_starts=600)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     saved = lambda: (glob.glob(str(tmp_path / "runs" / "qsm_*" / "runs" / "*" / "checkpoint.pt"))  # noqa: E731
                      and glob.glob(str(tmp_path / "runs" / "sac_*" / "state.pkl")))
