@@ -196,37 +196,9 @@ class EnsembleLinear(nn.Module):
         return torch.baddbmm(self.bias, x, self.weight)
 
 
-class BatchRenorm(nn.Module):
-    """Batch renormalisation (Ioffe 2017) over the batch dimension of (E, B, D), as in CrossQ: in training mode the
-    batch's statistics, corrected towards the running ones (r, d) after `warmup` updates; in eval mode the running
-    statistics."""
-
-    def __init__(self, num: int, dim: int, momentum: float = 0.01, eps: float = 1e-3, warmup: int = 100_000):
-        super().__init__()
-        self.weight, self.bias = nn.Parameter(torch.ones(num, 1, dim)), nn.Parameter(torch.zeros(num, 1, dim))
-        self.register_buffer("running_mean", torch.zeros(num, 1, dim))
-        self.register_buffer("running_var", torch.ones(num, 1, dim))
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
-        self.momentum, self.eps, self.warmup = momentum, eps, warmup
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        running_std = (self.running_var + self.eps).sqrt()
-        if not self.training:
-            return (x - self.running_mean) / running_std * self.weight + self.bias
-        mean, var = x.mean(1, keepdim=True), x.var(1, keepdim=True, unbiased=False)
-        std = (var + self.eps).sqrt()
-        warm = (self.steps >= self.warmup).float()  # r = 1, d = 0 (plain batch norm) during the warm-up
-        r = ((std / running_std).clamp(1 / 3, 3) * warm + 1 - warm).detach()
-        d = ((mean - self.running_mean) / running_std).clamp(-5, 5).mul(warm).detach()
-        with torch.no_grad():
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var, self.momentum)
-            self.steps += 1
-        return ((x - mean) / std * r + d) * self.weight + self.bias
-
-
 class TwinQ(nn.Module):
-    """Q_φ1(s, a), Q_φ2(s, a) as one network with an ensemble dimension; forward returns (2, B)."""
+    """Q_φ1(s, a), Q_φ2(s, a) as one network with an ensemble dimension; forward returns (2, B). --critic-norm batch:
+    CrossQ's batch renormalisation before every layer (BatchRenorm, part two)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dims: tuple[int, ...], num: int = 2, norm: str = "none"):
         super().__init__()
@@ -656,7 +628,7 @@ def check_metrics(metrics: dict[str, torch.Tensor], step: int, num_updates: int,
              f"with --resume PATH)")
 
 
-# --- Diagnostics and a faster mish ------------------------------------------------------------------------------
+# --- Diagnostics, batch renormalisation and a faster mish -------------------------------------------------------------
 @torch.no_grad()
 def policy_diagnostics(policy, qf, sched, s: torch.Tensor, act_dim: int, args: Args) -> dict[str, torch.Tensor]:
     """What the acting sampler does at buffer states: the share of action coordinates it puts at ±1, and how often
@@ -665,6 +637,35 @@ def policy_diagnostics(policy, qf, sched, s: torch.Tensor, act_dim: int, args: A
     q_policy, q_random = qf(s, a).mean(0), qf(s, torch.rand_like(a) * 2 - 1).mean(0)
     return {"policy/action_at_bounds": (a.abs() >= 1).float().mean(),
             "policy/beats_random": (q_policy > q_random).float().mean()}
+
+
+class BatchRenorm(nn.Module):
+    """Batch renormalisation (Ioffe 2017) over the batch dimension of (E, B, D), as in CrossQ: in training mode the
+    batch's statistics, corrected towards the running ones (r, d) after `warmup` updates; in eval mode the running
+    statistics."""
+
+    def __init__(self, num: int, dim: int, momentum: float = 0.01, eps: float = 1e-3, warmup: int = 100_000):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(num, 1, dim)), nn.Parameter(torch.zeros(num, 1, dim))
+        self.register_buffer("running_mean", torch.zeros(num, 1, dim))
+        self.register_buffer("running_var", torch.ones(num, 1, dim))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.momentum, self.eps, self.warmup = momentum, eps, warmup
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        running_std = (self.running_var + self.eps).sqrt()
+        if not self.training:
+            return (x - self.running_mean) / running_std * self.weight + self.bias
+        mean, var = x.mean(1, keepdim=True), x.var(1, keepdim=True, unbiased=False)
+        std = (var + self.eps).sqrt()
+        warm = (self.steps >= self.warmup).float()  # r = 1, d = 0 (plain batch norm) during the warm-up
+        r = ((std / running_std).clamp(1 / 3, 3) * warm + 1 - warm).detach()
+        d = ((mean - self.running_mean) / running_std).clamp(-5, 5).mul(warm).detach()
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var, self.momentum)
+            self.steps += 1
+        return ((x - mean) / std * r + d) * self.weight + self.bias
 
 
 class Mish(nn.Module):
