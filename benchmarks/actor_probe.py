@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import qsm  # noqa: E402
 
 
-def train_actor(qf, rb, obs_dim, act_dim, T, mq, p, updates, seed, hidden):
+def train_actor(qf, rb, obs_dim, act_dim, T, mq, p, updates, seed, hidden, flags=()):
     torch.manual_seed(seed)
     sched = qsm.Schedule("vp", T, torch.device("cpu"))
     den = qsm.Denoiser(obs_dim, act_dim, hidden, 64)
@@ -31,9 +31,13 @@ def train_actor(qf, rb, obs_dim, act_dim, T, mq, p, updates, seed, hidden):
     for _ in range(updates):
         idx = torch.randint(0, rb["size"], (256,), generator=g)
         s, a0 = rb["obs"][idx], rb["actions"][idx]
+        if "policy" in flags:  # a₀ ~ π(·|s): fit the denoiser where the sampler goes
+            a0 = qsm.ddpm_sample(den, sched, s, act_dim)
         t = torch.randint(0, T, (256,))
         ab = sched.alpha_bars[t][:, None]
         a_t = ab.sqrt() * a0 + (1 - ab).sqrt() * torch.randn_like(a0)
+        if "clip" in flags:  # aₜ in [-1, 1], where the clipped sampler evaluates ε_θ and the critic has data
+            a_t = a_t.clamp(-1, 1)
         with torch.no_grad():
             dq = torch.func.grad(lambda a: qf(s, a).mean(0).sum())(a_t)
             rho = dq.pow(2).mean().sqrt() + 1e-8
@@ -42,6 +46,21 @@ def train_actor(qf, rb, obs_dim, act_dim, T, mq, p, updates, seed, hidden):
         loss.backward()
         opt.step()
     return den, sched
+
+
+def train_ddpg_actor(qf, rb, obs_dim, act_dim, updates, seed, hidden):
+    """Reference: a deterministic tanh actor trained by ascending Q through the action (DDPG, TD3's actor)."""
+    torch.manual_seed(seed)
+    pi = torch.nn.Sequential(qsm.mlp(obs_dim, hidden, act_dim, torch.nn.ReLU), torch.nn.Tanh())
+    opt = torch.optim.Adam(pi.parameters(), lr=3e-4)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(updates):
+        s = rb["obs"][torch.randint(0, rb["size"], (256,), generator=g)]
+        loss = -qf(s, pi(s)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return pi
 
 
 def q_max(qf, s, act_dim, n=64, steps=50):
@@ -64,7 +83,8 @@ def q_max(qf, s, act_dim, n=64, steps=50):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", help="a run folder holding a checkpoint.pt")
-    p.add_argument("--configs", nargs="+", default=["5 1.5 0"], help='"T M_q p" per config')
+    p.add_argument("--configs", nargs="+", default=["5 1.5 0"],
+                   help='"T M_q p [clip] [policy]" per config: clip aₜ to [-1, 1]; a₀ from the policy, not the buffer')
     p.add_argument("--updates", type=int, default=3000)
     p.add_argument("--states", type=int, default=256)
     p.add_argument("--samples", type=int, default=16)
@@ -92,10 +112,16 @@ def main():
           f"{o.updates} updates per config")
     print("| T | M_q | p | polish steps | std per coordinate | at ±1 | greedy | greedy, best of 10 |")
     print("|---|---|---|---|---|---|---|---|")
+    pi = train_ddpg_actor(qf, rb, obs_dim, act_dim, o.updates, o.seed, a.actor_hidden_dims)
+    with torch.no_grad():
+        q_det = qf(s, pi(s)).mean(0)
+    print(f"# reference: a deterministic actor trained by ascending Q (DDPG): greedy "
+          f"{((q_det - q_unif) / (q_star - q_unif).clamp(min=1e-6)).mean():.2f}")
     for cfg in o.configs:
-        T, mq, pw = cfg.split()
+        T, mq, pw, *flags = cfg.split()
         den, sched = train_actor(qf, rb, obs_dim, act_dim, int(T), float(mq), float(pw), o.updates, o.seed,
-                                 a.actor_hidden_dims)
+                                 a.actor_hidden_dims, flags)
+        pw = " ".join([pw, *flags])
         for k in o.refine:
             with torch.no_grad():
                 ss = s.repeat_interleave(o.samples, 0)
