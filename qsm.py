@@ -314,7 +314,8 @@ def qsm_loss(denoiser, qf, sched, batch, args: Args, log_mq: Optional[torch.Tens
                 "qsm/dq_da_norm": dq_da.norm(dim=-1).mean(), "qsm/eps_norm": eps.norm(dim=-1).mean()}
     if args.target_spread > 0:  # σ̂: RMS difference of two samples of π at each of 32 batch states, over √2
         a = ddpm_sample(denoiser, sched, s[:32].repeat(2, 1), a0.shape[1], args.ddpm_temperature, args.clip_sampler)
-        spread = (a[: a.shape[0] // 2] - a[a.shape[0] // 2 :]).pow(2).mean().div(2).sqrt()
+        a1, a2 = a.chunk(2)  # the two samples of each state
+        spread = (a1 - a2).pow(2).mean().div(2).sqrt()
         loss = loss - log_mq * (spread - args.target_spread)  # SAC's α loss in log M_q: M_q rises while σ̂ > σ*
         diag |= {"qsm/q_grad_scale": mq, "policy/spread": spread}
     return loss, diag
