@@ -76,9 +76,6 @@ class Args:
     """noise schedule β₁..β_T ("beta_schedule" in the official code)"""
     q_grad_scale: float = 1.5
     """M_q: ε_θ is regressed onto -M_q·∇ₐQ/ρ ("M_q" in the official code, α in Alg. 1 of the paper)"""
-    target_spread: float = 0.0
-    """σ*: tune M_q (from --q-grad-scale) so that π's samples at a state differ by σ* per action coordinate (RMS),
-    as SAC tunes its α toward a target entropy (0: M_q fixed)"""
     normalize_q_grad: bool = True
     """ρ = RMS of ∇ₐQ over batch and action coordinates (M_q dimensionless); off: ρ = 1, the paper's (M_q = 50)"""
     actor_actions: Literal["buffer", "policy"] = "buffer"
@@ -296,7 +293,7 @@ def critic_loss(qf, qf_target, policy, sched, batch, args: Args):
                          "losses/qf1_values": q[0].mean().detach(), "policy/next_action_at_bounds": at_bounds}
 
 
-def qsm_loss(denoiser, qf, sched, batch, args: Args, log_mq: Optional[torch.Tensor] = None):
+def qsm_loss(denoiser, qf, sched, batch, args: Args):
     s, a0 = batch["obs"], batch["actions"]  # a₀ ~ 𝒟, or a₀ ~ π(·|s) with --actor-actions policy
     a0 = a0 if args.actor_actions == "buffer" else ddpm_sample(denoiser, sched, s, a0.shape[1], args.ddpm_temperature,
                                                                args.clip_sampler)
@@ -307,17 +304,10 @@ def qsm_loss(denoiser, qf, sched, batch, args: Args, log_mq: Optional[torch.Tens
         dq_da = torch.func.grad(lambda a: qf(s, a).mean(0).sum())(a_t)
         rho = dq_da.pow(2).mean().sqrt() + 1e-8 if args.normalize_q_grad else 1.0  # ρ = RMS(∇ₐQ), Q's scale (paper: 1)
     eps = denoiser(s, a_t, t)  # ε_θ(s, aₜ, t)
-    mq = log_mq.detach().exp() if args.target_spread > 0 else args.q_grad_scale  # M_q
-    loss = ((eps + mq * dq_da / rho) ** 2).sum(-1).mean()  # ‖ε_θ + M_q ∇ₐQ/ρ‖²
+    loss = ((eps + args.q_grad_scale * dq_da / rho) ** 2).sum(-1).mean()  # ‖ε_θ + M_q ∇ₐQ/ρ‖²
     with torch.no_grad():  # diagnostics: the score -ε_θ should point along ∇ₐQ
         diag = {"losses/actor_loss": loss.detach(), "qsm/score_alignment": F.cosine_similarity(-eps, dq_da, -1).mean(),
                 "qsm/dq_da_norm": dq_da.norm(dim=-1).mean(), "qsm/eps_norm": eps.norm(dim=-1).mean()}
-    if args.target_spread > 0:  # σ̂: RMS difference of two samples of π at each of 32 batch states, over √2
-        a = ddpm_sample(denoiser, sched, s[:32].repeat(2, 1), a0.shape[1], args.ddpm_temperature, args.clip_sampler)
-        a1, a2 = a.chunk(2)  # the two samples of each state
-        spread = (a1 - a2).pow(2).mean().div(2).sqrt()
-        loss = loss - log_mq * (spread - args.target_spread)  # SAC's α loss in log M_q: M_q rises while σ̂ > σ*
-        diag |= {"qsm/q_grad_scale": mq, "policy/spread": spread}
     return loss, diag
 
 
@@ -327,7 +317,7 @@ def polyak_update(net: nn.Module, target: nn.Module, tau: float):
     torch._foreach_lerp_(list(target.parameters()), list(net.parameters()), tau)  # φ̄ ← (1-τ)φ̄ + τφ
 
 
-def make_update(denoiser, policy, qf, qf_target, q_opt, actor_opt, sched, args: Args, log_mq=None):
+def make_update(denoiser, policy, qf, qf_target, q_opt, actor_opt, sched, args: Args):
     """Returns update(batch) -> metrics (tensors: no host sync). policy: the denoiser that acts and samples a' (ε_θ
     itself, or its Polyak average with --actor-tau < 1). --compile: both losses run as inductor graphs."""
     critic_step, actor_step = (torch.compile(critic_loss), torch.compile(qsm_loss)) if args.compile else (critic_loss, qsm_loss)
@@ -339,12 +329,10 @@ def make_update(denoiser, policy, qf, qf_target, q_opt, actor_opt, sched, args: 
         q_loss.backward()
         q_opt.step()
         qf.eval()  # (only batch renormalisation has statistics)
-        actor_loss, a_info = actor_step(denoiser, qf, sched, batch, args, log_mq)
+        actor_loss, a_info = actor_step(denoiser, qf, sched, batch, args)
         actor_opt.zero_grad()
         actor_loss.backward()
         actor_opt.step()
-        if args.target_spread > 0:
-            log_mq.data.clamp_(math.log(0.1), math.log(50))  # M_q in [0.1, 50]
         if args.critic_norm != "batch":
             polyak_update(qf, qf_target, args.tau)
         if policy is not denoiser:
@@ -377,13 +365,11 @@ def train(args: Args, stop: "Stop") -> dict:
 
     betas = (0.5 if args.critic_norm == "batch" else 0.9, 0.999)  # CrossQ lowers Adam's β₁ with its critic
     q_opt = torch.optim.Adam(qf.parameters(), lr=args.critic_lr, betas=betas, fused=True)  # fused: one kernel
-    mq = nn.ParameterDict({"log": nn.Parameter(torch.tensor(math.log(args.q_grad_scale), device=device))})  # log M_q
-    actor_opt = torch.optim.Adam([*denoiser.parameters(), *mq.parameters()] if args.target_spread > 0 else
-                                 denoiser.parameters(), lr=args.actor_lr, betas=betas, fused=True)
+    actor_opt = torch.optim.Adam(denoiser.parameters(), lr=args.actor_lr, betas=betas, fused=True)
     K = args.actor_lr_decay_steps  # cosine decay lr·½(1 + cos(π·min(k, K)/K)), as optax.cosine_decay_schedule
     actor_sched = torch.optim.lr_scheduler.LambdaLR(
         actor_opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, K) / K)) if K > 0 else 1.0)
-    update = make_update(denoiser, policy, qf, qf_target, q_opt, actor_opt, sched, args, mq["log"])
+    update = make_update(denoiser, policy, qf, qf_target, q_opt, actor_opt, sched, args)
     sample = torch.compile(act) if args.compile else act
     rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim, device)
     rng = RNG(args.seed, device)
@@ -391,8 +377,8 @@ def train(args: Args, stop: "Stop") -> dict:
     envs = gym.wrappers.vector.RecordEpisodeStatistics(gym.vector.SyncVectorEnv(
         [functools.partial(make_env, args.env_id) for _ in range(args.num_envs)],  # a partial pickles into checkpoints
         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP))
-    objects = dict(denoiser=denoiser, policy=policy, qf=qf, qf_target=qf_target, mq=mq, q_opt=q_opt,
-                   actor_opt=actor_opt, actor_sched=actor_sched, rb=rb, rng=rng)  # what a checkpoint holds
+    objects = dict(denoiser=denoiser, policy=policy, qf=qf, qf_target=qf_target, q_opt=q_opt, actor_opt=actor_opt,
+                   actor_sched=actor_sched, rb=rb, rng=rng)  # what a checkpoint holds
     run = Run(setup, stop, envs, objects, update, sample, sched, device)  # part two: fresh, or resumed
     step, num_updates, returns, envs, obs = run.step, run.num_updates, run.returns, run.envs, run.obs
     writer, metrics, act_space = run.writer, {}, envs.single_action_space
@@ -531,7 +517,7 @@ def check_args(a: Args):
         (len(a.actor_hidden_dims) > 0 and len(a.critic_hidden_dims) > 0 and min(a.actor_hidden_dims + a.critic_hidden_dims) >= 1,
          "--actor-hidden-dims and --critic-hidden-dims need at least one width, each ≥ 1"),
         (a.time_dim >= 2 and a.time_dim % 2 == 0, f"--time-dim must be even and ≥ 2 (got {a.time_dim})"),
-        (a.q_grad_scale > 0 and a.target_spread >= 0, "--q-grad-scale must be > 0 and --target-spread ≥ 0"),
+        (a.q_grad_scale > 0, f"--q-grad-scale must be > 0 (got {a.q_grad_scale})"),
         (min(a.ddpm_temperature, a.exploration_noise, a.target_noise) >= 0,
          "--ddpm-temperature, --exploration-noise and --target-noise must be ≥ 0"),
         (min(a.eval_freq, a.checkpoint_freq) >= 0 and a.log_freq >= 1,

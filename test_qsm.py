@@ -2,7 +2,6 @@
 import copy
 import csv
 import glob
-import math
 import importlib.util
 import os
 import re
@@ -317,26 +316,6 @@ def test_critic_target_with_the_best_of_n_samples(monkeypatch):
     assert (q(a8) >= q(a1)).float().mean() > 0.9
 
 
-def test_m_q_tuned_toward_the_target_spread():
-    # --target-spread σ*: the target is -M_q·∇ₐQ/ρ with M_q = exp(log M_q), and log M_q's gradient raises M_q while
-    # the policy's samples spread more than σ* (SAC's α loss, in M_q)
-    torch.manual_seed(0)
-    den, sched = qsm.Denoiser(4, 2, (32, 32), 8), qsm.Schedule("vp", 5, torch.device("cpu"))
-    batch, qf = {"obs": torch.randn(64, 4), "actions": torch.rand(64, 2) * 2 - 1}, AnalyticQ(quadratic_q(3.0))
-    torch.manual_seed(1)
-    fixed = qsm.qsm_loss(den, qf, sched, batch, qsm.Args(q_grad_scale=3.0))[1]["losses/actor_loss"]
-    grads = {}
-    for target in (0.05, 0.99):  # an untrained denoiser's samples spread by ≈ 0.8
-        log_mq = torch.tensor(math.log(3.0), requires_grad=True)
-        torch.manual_seed(1)
-        loss, diag = qsm.qsm_loss(den, qf, sched, batch, qsm.Args(target_spread=target), log_mq)
-        assert diag["losses/actor_loss"].item() == pytest.approx(fixed.item(), rel=1e-6)
-        assert 0.5 < diag["policy/spread"] < 0.95 and diag["qsm/q_grad_scale"] == pytest.approx(3.0)
-        loss.backward()
-        grads[target] = log_mq.grad.item()
-    assert grads[0.05] < 0 < grads[0.99], grads  # gradient descent raises M_q above σ̂ > σ*, lowers it below
-
-
 # --- no gradient leaks ---------------------------------------------------------------------------------------
 def test_losses_touch_only_their_own_network():
     torch.manual_seed(0)
@@ -523,7 +502,6 @@ gym.register("Qsm2DAction-v0", entry_point=lambda: BadEnv(gym.spaces.Box(-1, 1, 
     (dict(actor_lr_decay_steps=-1), "--actor-lr-decay-steps must be ≥ 0"),
     (dict(actor_hidden_dims=()), "need at least one width"),
     (dict(q_grad_scale=0.0), "--q-grad-scale must be > 0"),
-    (dict(target_spread=-0.1), "--target-spread ≥ 0"),
     (dict(eval_freq=100, eval_episodes=0), "--eval-episodes must be ≥ 1 when evaluating"),
     (dict(eval_freq=-1), "--eval-freq and --checkpoint-freq must be ≥ 0"),
     (dict(checkpoint_freq=-1), "--eval-freq and --checkpoint-freq must be ≥ 0"),
