@@ -65,9 +65,8 @@ class Args:
     """hidden widths of the denoiser MLP (mish; official: 512 512)"""
     critic_hidden_dims: tuple[int, ...] = (256, 256)
     """hidden widths of each critic MLP (relu; official: 512 512)"""
-    critic_norm: Literal["none", "batch", "layer"] = "none"
-    """"batch": CrossQ's critic (batch renorm, (s, a) and (s', a') in one pass, no target critics, Adam β₁ 0.5);
-    "layer": LayerNorm without affine parameters after every hidden layer of the critics (Ba et al. 2016)"""
+    critic_norm: Literal["none", "layer"] = "none"
+    """"layer": LayerNorm without affine parameters after every hidden layer of the critics (Ba et al. 2016)"""
     time_dim: int = 64
     """size of the learnable Fourier features of the diffusion step t ("time_dim" in the official code)"""
     diffusion_steps: int = 5
@@ -78,12 +77,6 @@ class Args:
     """M_q: ε_θ is regressed onto -M_q·∇ₐQ/ρ ("M_q" in the official code, α in Alg. 1 of the paper)"""
     normalize_q_grad: bool = True
     """ρ = RMS of ∇ₐQ over batch and action coordinates (M_q dimensionless); off: ρ = 1, the paper's (M_q = 50)"""
-    actor_actions: Literal["buffer", "policy"] = "buffer"
-    """a₀ of the actor's target (noised to aₜ): replay-buffer actions (the paper's) or the policy's own samples"""
-    action_samples: int = 1
-    """N: act (and evaluate) with the best of N policy samples under the critics' mean Q (1: one sample, the paper's)"""
-    target_action_samples: int = 1
-    """a' in the critic target: the best of this many policy samples under the target critics' mean Q (1: one sample)"""
     ddpm_temperature: float = 1.0
     """scale of the noise injected at each reverse step ("ddpm_temperature" in the official code)"""
     clip_sampler: bool = True
@@ -197,23 +190,21 @@ class EnsembleLinear(nn.Module):
 
 
 class TwinQ(nn.Module):
-    """Q_φ1(s, a), Q_φ2(s, a) as one network with an ensemble dimension; forward returns (2, B). --critic-norm batch:
-    CrossQ's batch renormalisation before every layer (BatchRenorm, part two)."""
+    """Q_φ1(s, a), Q_φ2(s, a) as one network with an ensemble dimension; forward returns (2, B)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dims: tuple[int, ...], num: int = 2, norm: str = "none"):
         super().__init__()
         dims = (obs_dim + act_dim, *hidden_dims)
         self.hidden = nn.ModuleList(EnsembleLinear(num, i, o) for i, o in zip(dims[:-1], dims[1:]))
         self.out = EnsembleLinear(num, dims[-1], 1)
-        self.norms = nn.ModuleList(BatchRenorm(num, d) if norm == "batch" else nn.Identity() for d in dims)
         self.num, self.layer_norm = num, norm == "layer"
 
     def forward(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         x = torch.cat([s, a], dim=-1).expand(self.num, -1, -1)
-        for norm, layer in zip(self.norms, self.hidden):
-            x = layer(norm(x))
+        for layer in self.hidden:
+            x = layer(x)
             x = F.relu(F.layer_norm(x, x.shape[-1:]) if self.layer_norm else x)
-        return self.out(self.norms[-1](x)).squeeze(-1)
+        return self.out(x).squeeze(-1)
 
 
 # --- Replay buffer: preallocated float32 arrays; actions stored in the policy's [-1, 1] space -----------------------
@@ -261,31 +252,14 @@ def ddpm_sample(denoiser: Denoiser, sched: Schedule, s: torch.Tensor, act_dim: i
     return a.clamp(-1, 1)
 
 
-@torch.no_grad()
-def act(policy: Denoiser, qf: "TwinQ", sched: Schedule, s: torch.Tensor, act_dim: int, args: Args,
-        n: Optional[int] = None) -> torch.Tensor:
-    """The acting policy: a ~ π(·|s); with N = --action-samples > 1, argmax over N samples aᵢ ~ π(·|s) of Q(s, aᵢ)
-    (selection among samples as in QVPO and SDAC). n: another N (the critic target's)."""
-    n = n or args.action_samples
-    s = s.repeat_interleave(n, 0)
-    a = ddpm_sample(policy, sched, s, act_dim, args.ddpm_temperature, args.clip_sampler)
-    if n > 1:
-        best = qf(s, a).mean(0).view(-1, n).argmax(1)  # (B,): index of the best sample of each state
-        a = a.view(-1, n, act_dim)[torch.arange(best.shape[0], device=s.device), best]
-    return a
-
-
 # --- Losses. Critic: clipped double-Q TD target. Actor: Q-score matching, ‖ε_θ(s, aₜ, t) + M_q·∇ₐQ(s, aₜ)/ρ‖² ------
 def critic_loss(qf, qf_target, policy, sched, batch, args: Args):
     with torch.no_grad():
-        next_a = act(policy, qf_target, sched, batch["next_obs"], batch["actions"].shape[1], args,
-                     args.target_action_samples)  # a' ~ π(·|s'), or the best of N under Q̄
+        next_a = ddpm_sample(policy, sched, batch["next_obs"], batch["actions"].shape[1], args.ddpm_temperature,
+                             args.clip_sampler)  # a' ~ π(·|s')
         at_bounds = (next_a.abs() >= 1).float().mean()  # a saturated sampler puts most coordinates at ±1
         next_a = (next_a + args.target_noise * torch.randn_like(next_a)).clamp(-1, 1)
-    if args.critic_norm == "batch":  # CrossQ: Q(s, a) and Q(s', a') in one pass of the critic, no target critic
-        q, next_q = qf(torch.cat([batch["obs"], batch["next_obs"]]), torch.cat([batch["actions"], next_a])).chunk(2, 1)
-    else:
-        q, next_q = qf(batch["obs"], batch["actions"]), qf_target(batch["next_obs"], next_a)  # Q, Q̄: (2, B)
+    q, next_q = qf(batch["obs"], batch["actions"]), qf_target(batch["next_obs"], next_a)  # Q, Q̄: (2, B)
     with torch.no_grad():  # y = r + γ(1 - terminated)·min_i Q̄_i(s', a'): only `terminated` cuts the bootstrap
         y = batch["rewards"] + args.gamma * (1 - batch["terminated"]) * next_q.min(0).values
     per_q = ((q - y) ** 2).mean(1)
@@ -294,9 +268,7 @@ def critic_loss(qf, qf_target, policy, sched, batch, args: Args):
 
 
 def qsm_loss(denoiser, qf, sched, batch, args: Args):
-    s, a0 = batch["obs"], batch["actions"]  # a₀ ~ 𝒟, or a₀ ~ π(·|s) with --actor-actions policy
-    a0 = a0 if args.actor_actions == "buffer" else ddpm_sample(denoiser, sched, s, a0.shape[1], args.ddpm_temperature,
-                                                               args.clip_sampler)
+    s, a0 = batch["obs"], batch["actions"]  # a₀ ~ 𝒟
     t = torch.randint(0, sched.T, (a0.shape[0],), device=a0.device)  # t ~ U{0..T-1}
     alpha_bar = sched.alpha_bars[t][:, None]
     a_t = alpha_bar.sqrt() * a0 + (1 - alpha_bar).sqrt() * torch.randn_like(a0)  # forward process q(aₜ|a₀)
@@ -323,18 +295,15 @@ def make_update(denoiser, policy, qf, qf_target, q_opt, actor_opt, sched, args: 
     critic_step, actor_step = (torch.compile(critic_loss), torch.compile(qsm_loss)) if args.compile else (critic_loss, qsm_loss)
 
     def update(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        qf.train()  # batch statistics in the critic's own step; elsewhere (∇ₐQ, acting) the running ones
         q_loss, q_info = critic_step(qf, qf_target, policy, sched, batch, args)
         q_opt.zero_grad()
         q_loss.backward()
         q_opt.step()
-        qf.eval()  # (only batch renormalisation has statistics)
         actor_loss, a_info = actor_step(denoiser, qf, sched, batch, args)
         actor_opt.zero_grad()
         actor_loss.backward()
         actor_opt.step()
-        if args.critic_norm != "batch":
-            polyak_update(qf, qf_target, args.tau)
+        polyak_update(qf, qf_target, args.tau)
         if policy is not denoiser:
             polyak_update(denoiser, policy, args.actor_tau)
         return {**q_info, **a_info}
@@ -354,23 +323,22 @@ def train(args: Args, stop: "Stop") -> dict:
 
     sched = Schedule(args.beta_schedule, args.diffusion_steps, device)
     denoiser = Denoiser(obs_dim, act_dim, args.actor_hidden_dims, args.time_dim).to(device)  # ε_θ
-    qf = TwinQ(obs_dim, act_dim, args.critic_hidden_dims, norm=args.critic_norm).to(device).eval()  # Q_φ1, Q_φ2
+    qf = TwinQ(obs_dim, act_dim, args.critic_hidden_dims, norm=args.critic_norm).to(device)  # Q_φ1, Q_φ2
     qf_target = TwinQ(obs_dim, act_dim, args.critic_hidden_dims, norm=args.critic_norm).to(device)  # Q̄
     if setup.init:  # --checkpoint: the networks of a saved run
         restore(dict(denoiser=denoiser, qf=qf), setup.init, args.checkpoint)
     qf_target.load_state_dict(qf.state_dict())
     policy = copy.deepcopy(denoiser) if args.actor_tau < 1 else denoiser  # the denoiser that acts
     if args.eval_only:
-        return evaluate_only(policy, qf, sched, args, device, stop)
+        return evaluate_only(policy, sched, args, device, stop)
 
-    betas = (0.5 if args.critic_norm == "batch" else 0.9, 0.999)  # CrossQ lowers Adam's β₁ with its critic
-    q_opt = torch.optim.Adam(qf.parameters(), lr=args.critic_lr, betas=betas, fused=True)  # fused: one kernel
-    actor_opt = torch.optim.Adam(denoiser.parameters(), lr=args.actor_lr, betas=betas, fused=True)
+    q_opt = torch.optim.Adam(qf.parameters(), lr=args.critic_lr, fused=True)  # fused: one kernel
+    actor_opt = torch.optim.Adam(denoiser.parameters(), lr=args.actor_lr, fused=True)
     K = args.actor_lr_decay_steps  # cosine decay lr·½(1 + cos(π·min(k, K)/K)), as optax.cosine_decay_schedule
     actor_sched = torch.optim.lr_scheduler.LambdaLR(
         actor_opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, K) / K)) if K > 0 else 1.0)
     update = make_update(denoiser, policy, qf, qf_target, q_opt, actor_opt, sched, args)
-    sample = torch.compile(act) if args.compile else act
+    sample = torch.compile(ddpm_sample) if args.compile else ddpm_sample
     rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim, device)
     rng = RNG(args.seed, device)
     # same-step autoreset: every step is a transition; an ended episode's last obs is in infos["final_obs"]
@@ -390,7 +358,7 @@ def train(args: Args, stop: "Stop") -> dict:
                 actions = rng.np.uniform(-1, 1, (args.num_envs, act_dim)).astype(np.float32)
             else:
                 s = torch.as_tensor(obs, dtype=torch.float32, device=device)
-                a = sample(policy, qf, sched, s, act_dim, args)
+                a = sample(policy, sched, s, act_dim, args.ddpm_temperature, args.clip_sampler)
                 actions = (a + args.exploration_noise * torch.randn_like(a)).clamp(-1, 1).cpu().numpy()
             check_finite("the policy", step + 1, run.last_good, action=actions)
             next_obs, rewards, terminations, truncations, infos = envs.step(to_env_action(actions, act_space))
@@ -422,7 +390,7 @@ def train(args: Args, stop: "Stop") -> dict:
                                 **policy_diagnostics(policy, qf, sched, states, act_dim, args)}
                 run.log(step, metrics, returns)
             if every(args.eval_freq):
-                ep_returns = evaluate(policy, qf, sched, args, device, stop, run.video(step))
+                ep_returns = evaluate(policy, sched, args, device, stop, run.video(step))
                 if ep_returns is not None:  # None: cut by a stop signal
                     writer.add_scalar("eval/episodic_return", np.mean(ep_returns), step)
             if every(args.checkpoint_freq):
@@ -496,10 +464,8 @@ def first_line(e: BaseException) -> str:
 def check_args(a: Args):
     for ok, msg in [
         (0 <= a.seed < 2**31, f"--seed must be in [0, 2^31) (got {a.seed})"),
-        (min(a.num_envs, a.batch_size, a.utd_ratio, a.diffusion_steps, a.action_samples, a.target_action_samples) >= 1,
-         "--num-envs, --batch-size, --utd-ratio, --diffusion-steps and --(target-)action-samples must be ≥ 1"),
-        (a.target_action_samples == 1 or a.critic_norm != "batch", "--target-action-samples needs target critics "
-         "to choose with; --critic-norm batch has none"),
+        (min(a.num_envs, a.batch_size, a.utd_ratio, a.diffusion_steps) >= 1,
+         "--num-envs, --batch-size, --utd-ratio and --diffusion-steps must be ≥ 1"),
         (a.batch_size <= a.buffer_size, f"--batch-size {a.batch_size} is larger than --buffer-size {a.buffer_size}"),
         (a.total_timesteps % a.num_envs == 0,
          f"--total-timesteps {a.total_timesteps} is not a multiple of --num-envs {a.num_envs}"),
@@ -628,7 +594,7 @@ def check_metrics(metrics: dict[str, torch.Tensor], step: int, num_updates: int,
              f"with --resume PATH)")
 
 
-# --- Diagnostics, batch renormalisation and a faster mish -------------------------------------------------------------
+# --- Diagnostics and a faster mish -------------------------------------------------------------
 @torch.no_grad()
 def policy_diagnostics(policy, qf, sched, s: torch.Tensor, act_dim: int, args: Args) -> dict[str, torch.Tensor]:
     """What the acting sampler does at buffer states: the share of action coordinates it puts at ±1, and how often
@@ -637,35 +603,6 @@ def policy_diagnostics(policy, qf, sched, s: torch.Tensor, act_dim: int, args: A
     q_policy, q_random = qf(s, a).mean(0), qf(s, torch.rand_like(a) * 2 - 1).mean(0)
     return {"policy/action_at_bounds": (a.abs() >= 1).float().mean(),
             "policy/beats_random": (q_policy > q_random).float().mean()}
-
-
-class BatchRenorm(nn.Module):
-    """Batch renormalisation (Ioffe 2017) over the batch dimension of (E, B, D), as in CrossQ: in training mode the
-    batch's statistics, corrected towards the running ones (r, d) after `warmup` updates; in eval mode the running
-    statistics."""
-
-    def __init__(self, num: int, dim: int, momentum: float = 0.01, eps: float = 1e-3, warmup: int = 100_000):
-        super().__init__()
-        self.weight, self.bias = nn.Parameter(torch.ones(num, 1, dim)), nn.Parameter(torch.zeros(num, 1, dim))
-        self.register_buffer("running_mean", torch.zeros(num, 1, dim))
-        self.register_buffer("running_var", torch.ones(num, 1, dim))
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
-        self.momentum, self.eps, self.warmup = momentum, eps, warmup
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        running_std = (self.running_var + self.eps).sqrt()
-        if not self.training:
-            return (x - self.running_mean) / running_std * self.weight + self.bias
-        mean, var = x.mean(1, keepdim=True), x.var(1, keepdim=True, unbiased=False)
-        std = (var + self.eps).sqrt()
-        warm = (self.steps >= self.warmup).float()  # r = 1, d = 0 (plain batch norm) during the warm-up
-        r = ((std / running_std).clamp(1 / 3, 3) * warm + 1 - warm).detach()
-        d = ((mean - self.running_mean) / running_std).clamp(-5, 5).mul(warm).detach()
-        with torch.no_grad():
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var, self.momentum)
-            self.steps += 1
-        return ((x - mean) / std * r + d) * self.weight + self.bias
 
 
 class Mish(nn.Module):
@@ -716,7 +653,7 @@ class Stop:
               f"(Ctrl-C) exits at once without saving (the last checkpoint stays whole)", file=sys.stderr)
 
 
-def evaluate(policy, qf, sched, args: Args, device, stop: Stop, video: Optional[tuple[str, str]] = None):
+def evaluate(policy, sched, args: Args, device, stop: Stop, video: Optional[tuple[str, str]] = None):
     """Returns of --eval-episodes episodes of DDPM-sampled actions without exploration noise, or None if a stop
     signal came first. video = (folder, file prefix): record the first episode."""
     env = make_env(args.env_id, render=video is not None)
@@ -728,7 +665,7 @@ def evaluate(policy, qf, sched, args: Args, device, stop: Stop, video: Optional[
         done, ep_return = False, 0.0
         while not (done or stop):
             s = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
-            a = act(policy, qf, sched, s, env.action_space.shape[0], args)
+            a = ddpm_sample(policy, sched, s, env.action_space.shape[0], args.ddpm_temperature, args.clip_sampler)
             obs, r, terminated, truncated, _ = env.step(to_env_action(a[0].cpu().numpy(), env.action_space))
             check_finite(f"{args.env_id} in evaluation episode {len(returns) + 1}", "its end", "unchanged", reward=r,
                          observation=obs)
@@ -739,9 +676,9 @@ def evaluate(policy, qf, sched, args: Args, device, stop: Stop, video: Optional[
     return None if stop else returns
 
 
-def evaluate_only(policy, qf, sched, args: Args, device, stop: Stop) -> dict:
+def evaluate_only(policy, sched, args: Args, device, stop: Stop) -> dict:
     video = (f"videos/{args.env_id.replace('/', '-')}__eval__{int(time.time())}", "eval") if args.capture_video else None
-    returns = evaluate(policy, qf, sched, args, device, stop, video)
+    returns = evaluate(policy, sched, args, device, stop, video)
     print(f"eval {args.env_id}: return {np.mean(returns):.1f} ± {np.std(returns):.1f} over {len(returns)} episodes")
     return {"eval_returns": returns}
 
@@ -865,7 +802,8 @@ class Run:
             print("qsm.py: compiling the update and the sampler (--no-compile skips this)", file=sys.stderr)
             rb = objects["rb"]
             update({k: torch.zeros(args.batch_size, *getattr(rb, k).shape[1:], device=device) for k in rb.FIELDS})
-            sample(objects["policy"], objects["qf"], sched, torch.zeros(args.num_envs, obs_dim, device=device), act_dim, args)
+            sample(objects["policy"], sched, torch.zeros(args.num_envs, obs_dim, device=device), act_dim,
+                   args.ddpm_temperature, args.clip_sampler)
             for k, state in saved.items():
                 objects[k].load_state_dict(state)
 

@@ -1,5 +1,5 @@
 """Same seed and flags, same run, across two versions of qsm.py: four short runs (eager and compiled; a MuJoCo env,
-two envs, the CrossQ critic and a target denoiser; the paper's loss with exploration noise), whose parameters, last
+two envs, the LayerNorm critic and a target denoiser; the paper's loss with exploration noise), whose parameters, last
 returns and replay buffers are compared bit for bit.
 
     git show 568eaf2:qsm.py > /tmp/qsm_before.py      # the version before the two-part restructure
@@ -17,8 +17,8 @@ import torch
 CONFIGS = {
     "pendulum_eager": dict(env_id="Pendulum-v1", total_timesteps=700, compile=False),
     "pendulum_compiled": dict(env_id="Pendulum-v1", total_timesteps=500, compile=True),
-    "hopper_crossq_critic_target_denoiser_2_envs": dict(env_id="Hopper-v4", total_timesteps=500, compile=False,
-                                                        critic_norm="batch", actor_tau=0.05, num_envs=2),
+    "hopper_layer_norm_critic_target_denoiser_2_envs": dict(env_id="Hopper-v4", total_timesteps=500, compile=False,
+                                                            critic_norm="layer", actor_tau=0.05, num_envs=2),
     "papers_loss_with_noise": dict(env_id="Pendulum-v1", total_timesteps=500, compile=False, normalize_q_grad=False,
                                    q_grad_scale=50, exploration_noise=0.1),
 }

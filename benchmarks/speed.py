@@ -85,7 +85,7 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--cuda", action="store_true")
     p.add_argument("--widths", nargs="+", type=int, default=[512, 256], help="hidden widths to time")
-    p.add_argument("--critic-norms", nargs="+", default=["none"], choices=["none", "batch", "layer"],
+    p.add_argument("--critic-norms", nargs="+", default=["none"], choices=["none", "layer"],
                    help="critics to time at every width (--critic-norm of qsm.py)")
     p.add_argument("--diffusion-steps", nargs="+", type=int, default=[5], help="T values to time at every width")
     p.add_argument("--eager-only", action="store_true", help="skip the compiled path (a quick check that it runs)")

@@ -15,13 +15,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import qsm  # noqa: E402
 
-SECONDS, CALLS = collections.defaultdict(float), collections.Counter()
+SECONDS, CALLS, BUSY = collections.defaultdict(float), collections.Counter(), []
 
 
 def timed(name: str, fn):
     def wrapper(*args, **kwargs):
+        if BUSY:  # called inside another timed part (the samples of an eager update): counted there
+            return fn(*args, **kwargs)
+        BUSY.append(name)
         t = time.perf_counter()
-        out = fn(*args, **kwargs)
+        try:
+            out = fn(*args, **kwargs)
+        finally:
+            BUSY.pop()
         key = f"{name} (first call: compile)" if CALLS[name] == 0 and name in ("update", "act") else name
         SECONDS[key] += time.perf_counter() - t
         CALLS[name] += 1
@@ -34,18 +40,17 @@ def main():
     p.add_argument("--env-id", default="Walker2d-v4")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--learning-starts", type=int, default=1000)
-    p.add_argument("--critic-norm", default="none", choices=["none", "batch", "layer"])
+    p.add_argument("--critic-norm", default="none", choices=["none", "layer"])
     p.add_argument("--width", type=int, default=256, help="hidden width of both networks")
-    p.add_argument("--action-samples", type=int, default=1, help="N: act with the best of N samples")
-    p.add_argument("--target-action-samples", type=int, default=1, help="a' in the critic target: the best of N")
+    p.add_argument("--diffusion-steps", type=int, default=5, help="T")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager (a quick check that it runs)")
     o = p.parse_args()
     make_update, compile_ = qsm.make_update, torch.compile
     qsm.make_update = lambda *a, **k: timed("update", make_update(*a, **k))
-    act = qsm.act  # the acting policy: compiled by train with --compile, called as it is otherwise
+    act = qsm.ddpm_sample  # the acting policy: compiled by train with --compile; eager, the loop's calls are timed
     torch.compile = lambda fn, *a, **k: timed("act", compile_(fn, *a, **k)) if fn is act else compile_(fn, *a, **k)
     if not o.compile:
-        qsm.act = timed("act", act)
+        qsm.ddpm_sample = timed("act", act)
     for cls, name in ((qsm.ReplayBuffer, "sample"), (qsm.ReplayBuffer, "add")):
         setattr(cls, name, timed(f"buffer {name}", getattr(cls, name)))
     for name in ("check_finite", "check_metrics", "policy_diagnostics"):
@@ -54,11 +59,11 @@ def main():
     torch.set_num_threads(1)
     qsm.main(qsm.Args(env_id=o.env_id, total_timesteps=o.steps, learning_starts=o.learning_starts, eval_freq=0,
                       cuda=False, checkpoint_freq=0, critic_norm=o.critic_norm, compile=o.compile,
-                      action_samples=o.action_samples, target_action_samples=o.target_action_samples,
+                      diffusion_steps=o.diffusion_steps,
                       actor_hidden_dims=(o.width, o.width), critic_hidden_dims=(o.width, o.width)))
     learning = o.steps - o.learning_starts
     print(f"# {o.env_id}, {learning} learning steps, {'compiled' if o.compile else 'eager'}, one thread, width "
-          f"{o.width}, critic norm {o.critic_norm}, {o.action_samples} action sample(s), {o.target_action_samples} for a'")
+          f"{o.width}, critic norm {o.critic_norm}, T = {o.diffusion_steps}")
     for k, v in sorted(SECONDS.items(), key=lambda kv: -kv[1]):
         print(f"{k:34s} {v:8.2f} s {1e3 * v / learning:8.2f} ms per learning step")
     print(f"{'all parts':34s} {sum(SECONDS.values()):8.2f} s")
