@@ -92,10 +92,8 @@ class Args:
     log_freq: int = 250
     """log losses and QSM diagnostics every this many env steps"""
     # bookkeeping and long runs
-    torch_deterministic: bool = True
-    """sets `torch.backends.cudnn.deterministic` (GPU); on CPU two runs of one seed are identical"""
     cuda: bool = True
-    """use CUDA when a GPU is present (falls back to CPU with a message)"""
+    """use CUDA when a GPU is present (else the CPU)"""
     compile: bool = True
     """torch.compile the losses and the sampler (inductor; a warm-up at start, needs a C++ compiler on CPU)"""
     track: bool = False
@@ -290,8 +288,8 @@ def polyak_update(net: nn.Module, target: nn.Module, tau: float):
 
 
 def make_update(denoiser, policy, qf, qf_target, q_opt, actor_opt, sched, args: Args):
-    """Returns update(batch) -> metrics (tensors: no host sync). policy: the denoiser that acts and samples a' (ε_θ
-    itself, or its Polyak average with --actor-tau < 1). --compile: both losses run as inductor graphs."""
+    """update(batch) -> metrics (tensors: no host sync). policy: the denoiser that acts and samples a' (ε_θ itself, or
+    its Polyak average with --actor-tau < 1). --compile: both losses run as inductor graphs."""
     critic_step, actor_step = (torch.compile(critic_loss), torch.compile(qsm_loss)) if args.compile else (critic_loss, qsm_loss)
 
     def update(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -318,8 +316,7 @@ def train(args: Args, stop: "Stop") -> dict:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = pick_device(args)
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
 
     sched = Schedule(args.beta_schedule, args.diffusion_steps, device)
     denoiser = Denoiser(obs_dim, act_dim, args.actor_hidden_dims, args.time_dim).to(device)  # ε_θ
@@ -415,16 +412,13 @@ def main(args: Args) -> dict:
         return train(args, stop)
 
 
-class Setup(NamedTuple):
-    args: Args  # the flags, from the checkpoint with --resume
-    obs_dim: int
-    act_dim: int
-    resume: Optional[dict]  # the checkpoint to resume (--resume)
-    init: Optional[dict]  # the networks to start from (--checkpoint): {"denoiser": the acting one, "qf": ...}
+Setup = NamedTuple("Setup", [("args", Args), ("obs_dim", int), ("act_dim", int), ("resume", Optional[dict]),
+                             ("init", Optional[dict])])
 
 
 def prepare(args: Args) -> Setup:
-    """The flags, the env and the checkpoints, all checked before anything runs."""
+    """The flags (from the checkpoint with --resume), the env's sizes, the checkpoint to resume (--resume) and the
+    networks to start from (--checkpoint: the acting denoiser and the critics), all checked before anything runs."""
     resume = load_checkpoint(args.resume, training=True) if args.resume else None
     if resume:  # a resumed run continues with the flags it was started with
         ignored = [k for k, v in vars(args).items() if k != "resume" and v != getattr(Args, k)]
@@ -444,12 +438,6 @@ def prepare(args: Args) -> Setup:
             setattr(args, k, ckpt["args"].get(k, getattr(Args, k)))
     init = dict(denoiser=ckpt.get("policy", ckpt["denoiser"]), qf=ckpt["qf"]) if ckpt else None
     return Setup(args, obs_dim, act_dim, resume, init)
-
-
-def pick_device(args: Args) -> torch.device:
-    if args.cuda and not torch.cuda.is_available():
-        print("qsm.py: --cuda requested but no GPU found; running on CPU", file=sys.stderr)
-    return torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
 
 
 # --- Input checks and environments: everything that can fail, fails before training, in one line -----------------
@@ -566,8 +554,7 @@ def to_env_action(a: np.ndarray, space: gym.spaces.Box) -> np.ndarray:
 
 
 def allocate(capacity: int, shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
-    """The replay buffer's float32 arrays. np.full, not np.zeros: it writes every page now, so a buffer too big for
-    memory fails here, not hours later."""
+    """The replay buffer's float32 arrays, written now (np.full): a buffer too big for memory fails here, not later."""
     need = 4 * capacity * sum(math.prod(s) for s in shapes.values())  # bytes
     with contextlib.suppress(MemoryError):
         if need <= total_memory():
@@ -578,8 +565,8 @@ def allocate(capacity: int, shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
 
 # --- NaN guards ------------------------------------------------------------------------------------------------
 def check_finite(source: str, step, last_good: str, **fields: np.ndarray):
-    """Stop before a NaN or Inf reaches the env or the replay buffer (and through it every later checkpoint), checked
-    as float32, the buffer's type (1e39 is finite in float64, Inf in float32)."""
+    """Stop before a NaN or Inf reaches the env or the replay buffer, checked as float32, the buffer's type (1e39 is
+    finite in float64, Inf in float32)."""
     for name, x in fields.items():
         with np.errstate(over="ignore"):
             if not np.isfinite(np.asarray(x, dtype=np.float32)).all():
@@ -654,8 +641,7 @@ class Stop:
 
 
 def evaluate(policy, sched, args: Args, device, stop: Stop, video: Optional[tuple[str, str]] = None):
-    """Returns of --eval-episodes episodes of DDPM-sampled actions without exploration noise, or None if a stop
-    signal came first. video = (folder, file prefix): record the first episode."""
+    """--eval-episodes returns without exploration noise (None if stopped); video: (folder, prefix) of episode 1."""
     env = make_env(args.env_id, render=video is not None)
     if video:
         env = gym.wrappers.RecordVideo(env, video[0], episode_trigger=lambda ep: ep == 0, name_prefix=video[1])
