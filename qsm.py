@@ -581,7 +581,7 @@ def check_metrics(metrics: dict[str, torch.Tensor], step: int, num_updates: int,
              f"with --resume PATH)")
 
 
-# --- Diagnostics and a faster mish -------------------------------------------------------------
+# --- Diagnostics and a faster mish -----------------------------------------------------------------------------------
 @torch.no_grad()
 def policy_diagnostics(policy, qf, sched, s: torch.Tensor, act_dim: int, args: Args) -> dict[str, torch.Tensor]:
     """What the acting sampler does at buffer states: the share of action coordinates it puts at ±1, and how often

@@ -230,7 +230,7 @@ def test_speed_times_the_update(tmp_path):
 
 
 def test_step_time_splits_a_learning_step(tmp_path):
-    out = bench("step_time.py", "--env-id", "Pendulum-v1", "--steps", "300", "--learning-starts", "100", "--width",
+    out = bench("step_time.py", "--env-id", "Pendulum-v1", "--steps", "200", "--learning-starts", "100", "--width",
                 "32", "--no-compile").stdout
     ms = {line[:34].strip(): float(line.split()[-5]) for line in out.splitlines()[1:-1]}
     assert {"update", "act", "env step", "buffer sample", "check_metrics"} <= ms.keys(), out
