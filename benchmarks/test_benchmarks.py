@@ -1,5 +1,6 @@
 """Tests of the benchmark scripts, driven as a user drives them (subprocesses, tiny runs): every script runs on a
 tiny setting, so that a change of qsm.py breaks a test, not a benchmark; and no run is lost or misreported."""
+import contextlib
 import csv
 import fcntl
 import glob
@@ -148,8 +149,12 @@ def test_the_slurm_launcher_submits_one_job_array_with_the_asked_resources(tmp_p
 
 
 def children_of(name: str) -> list[int]:
-    return [int(c.split("/")[2]) for c in glob.glob("/proc/[0-9]*/cmdline")
-            if name in Path(c).read_bytes().replace(b"\0", b" ").decode(errors="replace")]
+    pids = []
+    for c in glob.glob("/proc/[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):  # a process that exits between glob and read is gone
+            if name in Path(c).read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                pids.append(int(c.split("/")[2]))
+    return pids
 
 
 def test_ctrl_c_stops_the_grid_and_its_runs_save_and_a_run_dies_with_its_runner(tmp_path):
