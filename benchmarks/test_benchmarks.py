@@ -85,16 +85,14 @@ def test_grid_runs_every_arm_once_skips_finished_runs_and_reads_only_whole_csvs_
     assert p.stderr.strip().splitlines()[-1].endswith("--jobs must be ≥ 1 (got 0)")
 
 
-def submit_processes(tmp_path) -> list[int]:
-    """The pids of submitit's job processes (python -m submitit.core._submit) of this test."""
+def processes(*parts: str) -> list[int]:
+    """The pids of the processes whose command line holds every one of parts."""
     pids = []
     for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
-        try:
-            text = Path(cmdline).read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "submitit.core._submit" in text and str(tmp_path) in text:
-            pids.append(int(cmdline.split("/")[2]))
+        with contextlib.suppress(OSError):  # a process that exits between glob and read is gone
+            text = Path(cmdline).read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if all(part in text for part in parts):
+                pids.append(int(cmdline.split("/")[2]))
     return pids
 
 
@@ -109,7 +107,7 @@ def test_submitit_local_launcher_runs_the_grid_and_a_preempted_job_continues_its
                      and glob.glob(str(tmp_path / "runs" / "sac_*" / "state.pkl")))
     wait_for(saved, timeout=180)  # both runs have saved their first checkpoint (step 200)
     time.sleep(1)
-    jobs = submit_processes(tmp_path)
+    jobs = processes("submitit.core._submit", str(tmp_path))  # submitit's job processes of this test
     assert len(jobs) == 2
     for pid in jobs:
         os.kill(pid, signal.SIGUSR2)
@@ -148,15 +146,6 @@ def test_the_slurm_launcher_submits_one_job_array_with_the_asked_resources(tmp_p
         assert f"#SBATCH {line}" in script, script
 
 
-def children_of(name: str) -> list[int]:
-    pids = []
-    for c in glob.glob("/proc/[0-9]*/cmdline"):
-        with contextlib.suppress(OSError):  # a process that exits between glob and read is gone
-            if name in Path(c).read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                pids.append(int(c.split("/")[2]))
-    return pids
-
-
 def test_ctrl_c_stops_the_grid_and_its_runs_save_and_a_run_dies_with_its_runner(tmp_path):
     flags = grid_flags(tmp_path, "sac", steps=50_000)
     start = lambda: subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "learning.py"), *flags, "--no-plot"],
@@ -175,7 +164,7 @@ def test_ctrl_c_stops_the_grid_and_its_runs_save_and_a_run_dies_with_its_runner(
     wait_for(lambda: "resuming sac Pendulum-v1 seed 1" in log.read_text(), timeout=120)
     p.kill()
     p.wait()
-    wait_for(lambda: not children_of(str(tmp_path / "runs" / "sac_")), timeout=60)
+    wait_for(lambda: not processes(str(tmp_path / "runs" / "sac_")), timeout=60)
     assert log.read_text().count("stopped by SIGTERM at step") == 2
 
 
