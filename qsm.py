@@ -53,8 +53,6 @@ class Args:
     """discount factor γ"""
     tau: float = 0.005
     """Polyak rate τ of the target critics"""
-    actor_tau: float = 1.0
-    """Polyak rate of a denoiser copy that acts and samples a' (official, earlier: 0.001); 1 = none: ε_θ acts"""
     critic_lr: float = 1e-3
     """Adam learning rate of the twin critics (official: 3e-4; 1e-3 is CleanRL SAC's)"""
     actor_lr: float = 3e-4
@@ -71,8 +69,6 @@ class Args:
     """size of the learnable Fourier features of the diffusion step t ("time_dim" in the official code)"""
     diffusion_steps: int = 5
     """number of DDPM steps, T in the paper and the official code"""
-    beta_schedule: Literal["vp", "cosine", "linear"] = "vp"
-    """noise schedule β₁..β_T ("beta_schedule" in the official code)"""
     q_grad_scale: float = 1.5
     """M_q: ε_θ is regressed onto -M_q·∇ₐQ/ρ ("M_q" in the official code, α in Alg. 1 of the paper)"""
     normalize_q_grad: bool = True
@@ -102,39 +98,23 @@ class Args:
     """the wandb project name"""
     wandb_entity: Optional[str] = None
     """the wandb entity (team)"""
-    capture_video: bool = False
-    """record the first episode of every evaluation to `videos/{run}/` (moviepy; headless MuJoCo: MUJOCO_GL=egl)"""
-    save_model: bool = False
-    """save the networks to `runs/{run}/qsm.pt` at the end of training"""
-    checkpoint: Optional[str] = None
-    """path of a checkpoint to load the networks (and their architecture flags) from"""
-    eval_only: bool = False
-    """with --checkpoint: evaluate the loaded policy for --eval-episodes episodes and exit"""
     checkpoint_freq: int = 100_000
-    """save all a resumed run needs to `runs/{run}/checkpoint.pt` every this many steps (0: on a signal only)"""
+    """save all a resumed run needs to `runs/{run}/checkpoint.pt` every this many steps (0: never), on a signal and
+    at the end"""
     resume: Optional[str] = None
     """continue the run saved in this checkpoint.pt, in its folder, with its flags (other flags are ignored)"""
+    eval_only: Optional[str] = None
+    """evaluate the policy saved in this checkpoint.pt (architecture flags included) for --eval-episodes episodes"""
 
 
 # --- Noise schedule: β_t, α_t = 1 - β_t, ᾱ_t = Π_{s≤t} α_s (DDPM, Ho et al. 2020); index t = 0..T-1 --------------
-def make_beta_schedule(name: str, T: int) -> torch.Tensor:
-    if name == "vp":  # variance-preserving SDE discretised (Song et al. 2021), b_min = 0.1, b_max = 10
-        t, b_min, b_max = torch.arange(1, T + 1, dtype=torch.float64), 0.1, 10.0
-        betas = 1 - torch.exp(-b_min / T - 0.5 * (b_max - b_min) * (2 * t - 1) / T**2)
-    elif name == "cosine":  # Nichol & Dhariwal 2021, s = 0.008
-        s, t = 0.008, torch.linspace(0, T, T + 1, dtype=torch.float64) / T
-        alpha_bar = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
-        betas = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
-    elif name == "linear":  # Ho et al. 2020
-        betas = torch.linspace(1e-4, 2e-2, T, dtype=torch.float64)
-    else:
-        raise ValueError(f"unknown beta schedule {name!r}")
-    return betas.float()
-
-
 class Schedule:
-    def __init__(self, name: str, T: int, device: torch.device):
-        self.T, self.betas = T, make_beta_schedule(name, T).to(device)  # β_t
+    """The official code's "vp" schedule: the variance-preserving SDE (Song et al. 2021) discretised in T steps."""
+
+    def __init__(self, T: int, device: torch.device):
+        t, b_min, b_max = torch.arange(1, T + 1, dtype=torch.float64), 0.1, 10.0
+        betas = 1 - torch.exp(-b_min / T - 0.5 * (b_max - b_min) * (2 * t - 1) / T**2)  # t = 1..T
+        self.T, self.betas = T, betas.float().to(device)  # β_t
         self.alphas = 1 - self.betas  # α_t
         self.alpha_bars = torch.cumprod(self.alphas, 0)  # ᾱ_t
         self.eps_coef = (self.betas / (1 - self.alpha_bars).sqrt()).tolist()  # β_t / √(1-ᾱ_t); floats: no tiny ops
@@ -251,9 +231,9 @@ def ddpm_sample(denoiser: Denoiser, sched: Schedule, s: torch.Tensor, act_dim: i
 
 
 # --- Losses. Critic: clipped double-Q TD target. Actor: Q-score matching, ‖ε_θ(s, aₜ, t) + M_q·∇ₐQ(s, aₜ)/ρ‖² ------
-def critic_loss(qf, qf_target, policy, sched, batch, args: Args):
+def critic_loss(qf, qf_target, denoiser, sched, batch, args: Args):
     with torch.no_grad():
-        next_a = ddpm_sample(policy, sched, batch["next_obs"], batch["actions"].shape[1], args.ddpm_temperature,
+        next_a = ddpm_sample(denoiser, sched, batch["next_obs"], batch["actions"].shape[1], args.ddpm_temperature,
                              args.clip_sampler)  # a' ~ π(·|s')
         at_bounds = (next_a.abs() >= 1).float().mean()  # a saturated sampler puts most coordinates at ±1
         next_a = (next_a + args.target_noise * torch.randn_like(next_a)).clamp(-1, 1)
@@ -287,13 +267,12 @@ def polyak_update(net: nn.Module, target: nn.Module, tau: float):
     torch._foreach_lerp_(list(target.parameters()), list(net.parameters()), tau)  # φ̄ ← (1-τ)φ̄ + τφ
 
 
-def make_update(denoiser, policy, qf, qf_target, q_opt, actor_opt, sched, args: Args):
-    """update(batch) -> metrics (tensors: no host sync). policy: the denoiser that acts and samples a' (ε_θ itself, or
-    its Polyak average with --actor-tau < 1). --compile: both losses run as inductor graphs."""
+def make_update(denoiser, qf, qf_target, q_opt, actor_opt, sched, args: Args):
+    """update(batch) -> metrics (tensors: no host sync). --compile: both losses run as inductor graphs."""
     critic_step, actor_step = (torch.compile(critic_loss), torch.compile(qsm_loss)) if args.compile else (critic_loss, qsm_loss)
 
     def update(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        q_loss, q_info = critic_step(qf, qf_target, policy, sched, batch, args)
+        q_loss, q_info = critic_step(qf, qf_target, denoiser, sched, batch, args)
         q_opt.zero_grad()
         q_loss.backward()
         q_opt.step()
@@ -302,8 +281,6 @@ def make_update(denoiser, policy, qf, qf_target, q_opt, actor_opt, sched, args: 
         actor_loss.backward()
         actor_opt.step()
         polyak_update(qf, qf_target, args.tau)
-        if policy is not denoiser:
-            polyak_update(denoiser, policy, args.actor_tau)
         return {**q_info, **a_info}
 
     return update
@@ -318,31 +295,31 @@ def train(args: Args, stop: "Stop") -> dict:
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
 
-    sched = Schedule(args.beta_schedule, args.diffusion_steps, device)
+    sched = Schedule(args.diffusion_steps, device)
     denoiser = Denoiser(obs_dim, act_dim, args.actor_hidden_dims, args.time_dim).to(device)  # ε_θ
     qf = TwinQ(obs_dim, act_dim, args.critic_hidden_dims, norm=args.critic_norm).to(device)  # Q_φ1, Q_φ2
     qf_target = TwinQ(obs_dim, act_dim, args.critic_hidden_dims, norm=args.critic_norm).to(device)  # Q̄
-    if setup.init:  # --checkpoint: the networks of a saved run
-        restore(dict(denoiser=denoiser, qf=qf), setup.init, args.checkpoint)
     qf_target.load_state_dict(qf.state_dict())
-    policy = copy.deepcopy(denoiser) if args.actor_tau < 1 else denoiser  # the denoiser that acts
-    if args.eval_only:
-        return evaluate_only(policy, sched, args, device, stop)
+    if args.eval_only:  # the policy of a saved run
+        restore(dict(denoiser=denoiser), setup.saved_policy, args.eval_only)
+        returns = evaluate(denoiser, sched, args, device, stop)
+        print(f"eval {args.env_id}: return {np.mean(returns):.1f} ± {np.std(returns):.1f} over {len(returns)} episodes")
+        return {"eval_returns": returns}
 
     q_opt = torch.optim.Adam(qf.parameters(), lr=args.critic_lr, fused=True)  # fused: one kernel
     actor_opt = torch.optim.Adam(denoiser.parameters(), lr=args.actor_lr, fused=True)
     K = args.actor_lr_decay_steps  # cosine decay lr·½(1 + cos(π·min(k, K)/K)), as optax.cosine_decay_schedule
     actor_sched = torch.optim.lr_scheduler.LambdaLR(
         actor_opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, K) / K)) if K > 0 else 1.0)
-    update = make_update(denoiser, policy, qf, qf_target, q_opt, actor_opt, sched, args)
+    update = make_update(denoiser, qf, qf_target, q_opt, actor_opt, sched, args)
     sample = torch.compile(ddpm_sample) if args.compile else ddpm_sample
     rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim, device)
-    rng = RNG(args.seed, device)
+    rng = RNG(args.seed)
     # same-step autoreset: every step is a transition; an ended episode's last obs is in infos["final_obs"]
     envs = gym.wrappers.vector.RecordEpisodeStatistics(gym.vector.SyncVectorEnv(
         [functools.partial(make_env, args.env_id) for _ in range(args.num_envs)],  # a partial pickles into checkpoints
         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP))
-    objects = dict(denoiser=denoiser, policy=policy, qf=qf, qf_target=qf_target, q_opt=q_opt, actor_opt=actor_opt,
+    objects = dict(denoiser=denoiser, qf=qf, qf_target=qf_target, q_opt=q_opt, actor_opt=actor_opt,
                    actor_sched=actor_sched, rb=rb, rng=rng)  # what a checkpoint holds
     run = Run(setup, stop, envs, objects, update, sample, sched, device)  # part two: fresh, or resumed
     step, num_updates, returns, envs, obs = run.step, run.num_updates, run.returns, run.envs, run.obs
@@ -355,7 +332,7 @@ def train(args: Args, stop: "Stop") -> dict:
                 actions = rng.np.uniform(-1, 1, (args.num_envs, act_dim)).astype(np.float32)
             else:
                 s = torch.as_tensor(obs, dtype=torch.float32, device=device)
-                a = sample(policy, sched, s, act_dim, args.ddpm_temperature, args.clip_sampler)
+                a = sample(denoiser, sched, s, act_dim, args.ddpm_temperature, args.clip_sampler)
                 actions = (a + args.exploration_noise * torch.randn_like(a)).clamp(-1, 1).cpu().numpy()
             check_finite("the policy", step + 1, run.last_good, action=actions)
             next_obs, rewards, terminations, truncations, infos = envs.step(to_env_action(actions, act_space))
@@ -384,18 +361,16 @@ def train(args: Args, stop: "Stop") -> dict:
             if every(args.log_freq) or step >= args.total_timesteps:  # and the last step: a run's end is logged
                 if metrics:
                     metrics |= {"charts/actor_lr": actor_opt.param_groups[0]["lr"],
-                                **policy_diagnostics(policy, qf, sched, states, act_dim, args)}
+                                **policy_diagnostics(denoiser, qf, sched, states, act_dim, args)}
                 run.log(step, metrics, returns)
             if every(args.eval_freq):
-                ep_returns = evaluate(policy, sched, args, device, stop, run.video(step))
+                ep_returns = evaluate(denoiser, sched, args, device, stop)
                 if ep_returns is not None:  # None: cut by a stop signal
                     writer.add_scalar("eval/episodic_return", np.mean(ep_returns), step)
-            if every(args.checkpoint_freq):
-                run.save("every --checkpoint-freq", step, num_updates, returns, obs, envs)
+            if every(args.checkpoint_freq) or step >= args.total_timesteps:
+                run.save("every --checkpoint-freq and at the end", step, num_updates, returns, obs, envs)
         if stop:
             run.save_and_exit(stop, step, num_updates, returns, obs, envs)
-        if args.save_model:
-            run.save_model(qf, policy)
     except Exception as e:  # an env that raises, a full disk, …: one line naming the last good checkpoint
         run.fail(e, step)
     finally:
@@ -413,31 +388,31 @@ def main(args: Args) -> dict:
 
 
 Setup = NamedTuple("Setup", [("args", Args), ("obs_dim", int), ("act_dim", int), ("resume", Optional[dict]),
-                             ("init", Optional[dict])])
+                             ("saved_policy", Optional[dict])])
 
 
 def prepare(args: Args) -> Setup:
-    """The flags (from the checkpoint with --resume), the env's sizes, the checkpoint to resume (--resume) and the
-    networks to start from (--checkpoint: the acting denoiser and the critics), all checked before anything runs."""
+    """The flags (from the checkpoint with --resume), the env's sizes, the checkpoint to resume (--resume) or to
+    evaluate (--eval-only), all checked before anything runs."""
     resume = load_checkpoint(args.resume, training=True) if args.resume else None
     if resume:  # a resumed run continues with the flags it was started with
-        ignored = [k for k, v in vars(args).items() if k != "resume" and v != getattr(Args, k)]
-        if ignored:
+        if ignored := [k for k, v in vars(args).items() if k != "resume" and v != getattr(Args, k)]:
             print(f"qsm.py: --resume takes every flag from the checkpoint; ignoring {', '.join(ignored)}", file=sys.stderr)
+        if unknown := resume["args"].keys() - vars(args).keys():  # a flag that an earlier qsm.py had
+            fail(f"{args.resume} was saved by another qsm.py version, with flags unknown here: {', '.join(sorted(unknown))}")
         args = Args(**{**resume["args"], "resume": args.resume})
     check_args(args)
     obs_dim, act_dim = check_env(args)
-    ckpt = load_checkpoint(args.checkpoint) if args.checkpoint else None
-    for c, path in ((resume, args.resume), (ckpt, args.checkpoint)):
+    saved = load_checkpoint(args.eval_only) if args.eval_only else None
+    for c, path in ((resume, args.resume), (saved, args.eval_only)):
         made_for = c and (c["args"]["env_id"], *c["dims"])
         if c and made_for != (args.env_id, obs_dim, act_dim):
             fail(f"{path} was made for {made_for[0]} (obs {made_for[1]}, act {made_for[2]}), not {args.env_id} (obs "
                  f"{obs_dim}, act {act_dim}); pass --env-id {made_for[0]}")
-    if ckpt:  # the architecture comes from the checkpoint
-        for k in ("actor_hidden_dims", "critic_hidden_dims", "critic_norm", "time_dim", "diffusion_steps", "beta_schedule"):
-            setattr(args, k, ckpt["args"].get(k, getattr(Args, k)))
-    init = dict(denoiser=ckpt.get("policy", ckpt["denoiser"]), qf=ckpt["qf"]) if ckpt else None
-    return Setup(args, obs_dim, act_dim, resume, init)
+    if saved:  # the architecture comes from the checkpoint
+        for k in ("actor_hidden_dims", "critic_hidden_dims", "critic_norm", "time_dim", "diffusion_steps"):
+            setattr(args, k, saved["args"].get(k, getattr(Args, k)))
+    return Setup(args, obs_dim, act_dim, resume, saved)
 
 
 # --- Input checks and environments: everything that can fail, fails before training, in one line -----------------
@@ -464,8 +439,7 @@ def check_args(a: Args):
          f"a quarter of this machine's memory"),
         (a.eval_only or 0 <= a.learning_starts < a.total_timesteps, f"--learning-starts {a.learning_starts} must be "
          f"in [0, --total-timesteps {a.total_timesteps}): no update would run"),
-        (0 < a.tau <= 1 and 0 < a.actor_tau <= 1 and 0 <= a.gamma <= 1,
-         "need 0 < --tau ≤ 1, 0 < --actor-tau ≤ 1 and 0 ≤ --gamma ≤ 1"),
+        (0 < a.tau <= 1 and 0 <= a.gamma <= 1, "need 0 < --tau ≤ 1 and 0 ≤ --gamma ≤ 1"),
         (a.critic_lr > 0 and a.actor_lr > 0, f"learning rates must be > 0 (got {a.critic_lr}, {a.actor_lr})"),
         (a.actor_lr_decay_steps >= 0, f"--actor-lr-decay-steps must be ≥ 0 (got {a.actor_lr_decay_steps})"),
         (len(a.actor_hidden_dims) > 0 and len(a.critic_hidden_dims) > 0 and min(a.actor_hidden_dims + a.critic_hidden_dims) >= 1,
@@ -478,7 +452,6 @@ def check_args(a: Args):
          "--eval-freq and --checkpoint-freq must be ≥ 0 (0 = never), --log-freq ≥ 1"),
         (a.eval_episodes >= 1 or (a.eval_freq == 0 and not a.eval_only),
          "--eval-episodes must be ≥ 1 when evaluating (or --eval-freq 0)"),
-        (not a.eval_only or a.checkpoint, "--eval-only needs --checkpoint PATH"),
         (not a.track or importlib.util.find_spec("wandb"), "--track needs wandb: pip install wandb"),
     ]:
         if not ok:
@@ -500,51 +473,42 @@ def network_bytes(a: Args, n: int = 1024) -> int:
 TIME_LIMIT = 1000  # steps per episode for envs registered without one (MuJoCo's and DeepMind Control's length)
 
 
-def make_env(env_id: str, render: bool = False) -> gym.Env:
+def make_env(env_id: str) -> gym.Env:
     """The one place envs are made (training, evaluation, checks). DeepMind Control's dict observations are
     flattened. Every episode ends: an env registered without a time limit gets TIME_LIMIT steps (a truncation, so
     the critic target still bootstraps)."""
     try:
         if env_id.startswith("dm_control/"):  # DeepMind Control through shimmy, whose import registers its envs and
-            os.environ.setdefault("MUJOCO_GL", "off")  # imports dm_control, which picks its renderer then: none, unless
-            import shimmy  # check_env has chosen one for --capture-video
+            os.environ.setdefault("MUJOCO_GL", "off")  # imports dm_control, which picks its renderer then: none
+            import shimmy
 
             gym.register_envs(shimmy)
-        env = gym.make(env_id, **({"render_mode": "rgb_array"} if render else {}))
+        env = gym.make(env_id)
     except Exception as e:
-        fail(f"cannot make environment {env_id!r}{' to render (--capture-video)' * render}: {first_line(e)}")
+        fail(f"cannot make environment {env_id!r}: {first_line(e)}")
     if isinstance(env.observation_space, gym.spaces.Dict):
         env = gym.wrappers.FlattenObservation(env)
     return env if env.spec.max_episode_steps else gym.wrappers.TimeLimit(env, TIME_LIMIT)
 
 
 def check_env(args: Args) -> tuple[int, int]:
-    """Make, reset and step the training env, and the evaluation env if it differs (rendering with --capture-video),
-    so that what would fail at the first evaluation fails now. Returns (observation size, action size)."""
-    if args.capture_video:
-        os.environ.setdefault("MUJOCO_GL", "egl")  # headless OpenGL for MuJoCo (or osmesa); read at the first render
-        if importlib.util.find_spec("moviepy") is None:  # gymnasium's RecordVideo writes mp4 files with it
-            fail("--capture-video needs moviepy (pip install -r requirements.txt)")
-    for render in sorted({False, args.capture_video}):
-        env = make_env(args.env_id, render)
-        obs_space, act = env.observation_space, env.action_space
-        if not isinstance(act, gym.spaces.Box) or len(act.shape) != 1:
-            fail(f"{args.env_id} has the action space {act}; QSM needs a continuous 1-D Box action space")
-        if not (np.isfinite(act.low).all() and np.isfinite(act.high).all()):
-            fail(f"{args.env_id} has an unbounded action space {act}; QSM needs finite bounds to rescale [-1, 1]")
-        if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
-            fail(f"{args.env_id} has observations {obs_space}; QSM here needs a flat (1-D) Box observation space")
-        try:
-            env.reset(seed=args.seed)
-            reward = env.step(to_env_action(np.zeros(act.shape), act))[1]
-            if np.ndim(reward) != 0:
-                raise ValueError(f"step() returned a reward of shape {np.shape(reward)}; a scalar is needed")
-            if render and not isinstance(env.render(), np.ndarray):
-                raise RuntimeError("render() gave no frame")
-        except Exception as e:
-            hint = " (--capture-video: see README, Long runs)" if render else ""
-            fail(f"{args.env_id}: reset/step{'/render' * render} failed: {first_line(e)}{hint}")
-        env.close()
+    """Make, reset and step the env, so that what would fail later fails now. Returns (obs size, action size)."""
+    env = make_env(args.env_id)
+    obs_space, act = env.observation_space, env.action_space
+    if not isinstance(act, gym.spaces.Box) or len(act.shape) != 1:
+        fail(f"{args.env_id} has the action space {act}; QSM needs a continuous 1-D Box action space")
+    if not (np.isfinite(act.low).all() and np.isfinite(act.high).all()):
+        fail(f"{args.env_id} has an unbounded action space {act}; QSM needs finite bounds to rescale [-1, 1]")
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        fail(f"{args.env_id} has observations {obs_space}; QSM here needs a flat (1-D) Box observation space")
+    try:
+        env.reset(seed=args.seed)
+        reward = env.step(to_env_action(np.zeros(act.shape), act))[1]
+        if np.ndim(reward) != 0:
+            raise ValueError(f"step() returned a reward of shape {np.shape(reward)}; a scalar is needed")
+    except Exception as e:
+        fail(f"{args.env_id}: reset/step failed: {first_line(e)}")
+    env.close()
     return obs_space.shape[0], act.shape[0]
 
 
@@ -640,11 +604,9 @@ class Stop:
               f"(Ctrl-C) exits at once without saving (the last checkpoint stays whole)", file=sys.stderr)
 
 
-def evaluate(policy, sched, args: Args, device, stop: Stop, video: Optional[tuple[str, str]] = None):
-    """--eval-episodes returns without exploration noise (None if stopped); video: (folder, prefix) of episode 1."""
-    env = make_env(args.env_id, render=video is not None)
-    if video:
-        env = gym.wrappers.RecordVideo(env, video[0], episode_trigger=lambda ep: ep == 0, name_prefix=video[1])
+def evaluate(policy, sched, args: Args, device, stop: Stop):
+    """--eval-episodes returns without exploration noise (None if stopped)."""
+    env = make_env(args.env_id)
     returns = []
     while len(returns) < args.eval_episodes and not stop:
         obs, _ = env.reset(seed=args.seed + 10_000 + len(returns))
@@ -662,29 +624,20 @@ def evaluate(policy, sched, args: Args, device, stop: Stop, video: Optional[tupl
     return None if stop else returns
 
 
-def evaluate_only(policy, sched, args: Args, device, stop: Stop) -> dict:
-    video = (f"videos/{args.env_id.replace('/', '-')}__eval__{int(time.time())}", "eval") if args.capture_video else None
-    returns = evaluate(policy, sched, args, device, stop, video)
-    print(f"eval {args.env_id}: return {np.mean(returns):.1f} ± {np.std(returns):.1f} over {len(returns)} episodes")
-    return {"eval_returns": returns}
-
-
 # --- Checkpoints: everything a run needs to continue, written atomically; all but the envs load with weights_only --
 class RNG:
-    """The run's random streams: numpy's (random actions, batches) and torch's (everything else)."""
+    """The run's random streams: numpy's (random actions, batches) and torch's (everything else, CPU and GPUs)."""
 
-    def __init__(self, seed: int, device: torch.device):
-        self.np, self.cuda = np.random.default_rng(seed), device.type == "cuda"
+    def __init__(self, seed: int):
+        self.np = np.random.default_rng(seed)
 
     def state_dict(self) -> dict:
-        return {"np": self.np.bit_generator.state, "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if self.cuda else None}
+        return {"np": self.np.bit_generator.state, "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}
 
     def load_state_dict(self, state: dict):
         self.np.bit_generator.state = state["np"]
         torch.set_rng_state(state["torch"])
-        if self.cuda and state["cuda"] is not None:
-            torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def env_state(envs: gym.vector.VectorEnv) -> Optional[bytes]:
@@ -702,10 +655,8 @@ def load_checkpoint(path: str, training: bool = False) -> dict:
         fail(f"cannot read checkpoint {path!r}: {first_line(e)}")
     if not isinstance(ckpt, dict) or not {"args", "dims", "denoiser", "qf"} <= ckpt.keys():
         fail(f"{path} is not a checkpoint of this qsm.py (a file of another program, or of an older version)")
-    if training and "rb" not in ckpt:
-        fail(f"{path} holds only networks (--save-model); --resume needs a runs/<run>/checkpoint.pt")
-    missing = {"global_step", "num_updates", "recent_returns", "obs", "envs", "run_name"} - ckpt.keys() if training else ()
-    if missing:
+    missing = {"rb", "global_step", "num_updates", "recent_returns", "obs", "envs", "run_name"} - ckpt.keys()
+    if training and missing:
         fail(f"{path} does not fit this qsm.py: it has no {', '.join(sorted(missing))}")
     return ckpt
 
@@ -747,20 +698,12 @@ def lock_run_dir(run_dir: str):
 def restore(objects: dict, state: dict, path: str):
     """load_state_dict for each object; a checkpoint of another qsm.py version fails in one line saying what differs."""
     for k, obj in objects.items():
-        ours, theirs = obj.state_dict() if isinstance(obj, nn.Module) else {}, state.get(k)
-        diff = [] if theirs is not None else [f"it has no {k!r}"]
-        if ours and theirs is not None:
-            diff = [f"in {k}, {n} missing" for n in ours.keys() - theirs.keys()] + [
-                f"in {k}, {n} unknown" for n in theirs.keys() - ours.keys()] + [
-                f"in {k}, {n} is {tuple(theirs[n].shape)}, here {tuple(ours[n].shape)}"
-                for n in ours.keys() & theirs.keys() if theirs[n].shape != ours[n].shape]
+        if k not in state:
+            fail(f"{path} does not fit this qsm.py: it has no {k!r}")
         try:
-            if not diff:
-                obj.load_state_dict(theirs)
-        except Exception as e:
-            diff = [f"{k}: {first_line(e)}"]
-        if diff:
-            fail(f"{path} does not fit this qsm.py: {'; '.join(sorted(diff)[:4])}")
+            obj.load_state_dict(state[k])
+        except Exception as e:  # torch names the missing, unexpected and mis-shaped parameters
+            fail(f"{path} does not fit this qsm.py: {k}: {type(e).__name__}: {' '.join(str(e).split())}")
 
 
 class Run:
@@ -788,7 +731,7 @@ class Run:
             print("qsm.py: compiling the update and the sampler (--no-compile skips this)", file=sys.stderr)
             rb = objects["rb"]
             update({k: torch.zeros(args.batch_size, *getattr(rb, k).shape[1:], device=device) for k in rb.FIELDS})
-            sample(objects["policy"], sched, torch.zeros(args.num_envs, obs_dim, device=device), act_dim,
+            sample(objects["denoiser"], sched, torch.zeros(args.num_envs, obs_dim, device=device), act_dim,
                    args.ddpm_temperature, args.clip_sampler)
             for k, state in saved.items():
                 objects[k].load_state_dict(state)
@@ -817,9 +760,6 @@ class Run:
             self.writer.add_scalar(k, float(v), step)
         self.pbar.set_postfix(ret=f"{np.mean(returns):.1f}" if returns else "n/a", sps=sps, refresh=False)
 
-    def video(self, step: int) -> Optional[tuple[str, str]]:
-        return (f"videos/{self.name}", f"step{step}") if self.args.capture_video else None
-
     def save(self, reason: str, step: int, num_updates: int, returns: deque, obs: np.ndarray, envs):
         for name in ("denoiser", "qf"):
             if not all(torch.isfinite(p).all() for p in self.objects[name].parameters()):
@@ -831,6 +771,9 @@ class Run:
             "envs": env_state(envs)})
         self.last_good = self.path
         self.writer.add_text("checkpoints", f"{reason}: {self.path}", step)
+        if step >= self.args.total_timesteps:
+            self.pbar.write(f"saved {self.path}; evaluate its policy with: python qsm.py --env-id {self.args.env_id} "
+                            f"--eval-only {self.path}")
 
     def save_and_exit(self, stop: Stop, *counters):
         sig = signal.Signals(stop.signum).name
@@ -838,13 +781,6 @@ class Run:
         print(f"\nqsm.py: stopped by {sig} at step {counters[0]}; checkpoint saved, continue with: "
               f"python qsm.py --resume {self.path}", file=sys.stderr)
         sys.exit(128 + stop.signum)  # the shell's code for "killed by this signal": the run did not finish
-
-    def save_model(self, qf: nn.Module, policy: nn.Module):
-        path = f"{self.dir}/qsm.pt"
-        save_checkpoint(path, {"args": vars(self.args), "dims": self.dims, "qf": qf.state_dict(),
-                               "denoiser": policy.state_dict()})  # the denoiser that acts
-        print(f"model saved to {path}; evaluate it with: python qsm.py --env-id {self.args.env_id} --checkpoint "
-              f"{path} --eval-only")
 
     def fail(self, e: Exception, step: int):
         if os.environ.get("QSM_DEBUG"):

@@ -69,7 +69,7 @@ def small_args(**kw) -> qsm.Args:
 def test_shapes_and_dtypes():
     torch.manual_seed(0)
     B, S, A, T = 7, 5, 3, 5
-    sched = qsm.Schedule("vp", T, torch.device("cpu"))
+    sched = qsm.Schedule(T, torch.device("cpu"))
     den = qsm.Denoiser(S, A, (32, 32), 64)
     qf = qsm.TwinQ(S, A, (32, 32))
     s, a = torch.randn(B, S), torch.rand(B, A) * 2 - 1
@@ -119,22 +119,15 @@ def test_replay_buffer_wraps_around():
     assert rb.size == 3 and sorted(rb.rewards.tolist()) == [2.0, 3.0, 4.0]
 
 
-# --- noise schedules -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["vp", "cosine", "linear"])
+# --- noise schedule ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("T", [1, 5, 50])
-def test_schedules(name, T):
-    sched = qsm.Schedule(name, T, torch.device("cpu"))
-    assert sched.betas.shape == (T,)
-    assert ((sched.betas > 0) & (sched.betas < 1)).all()
-    assert (sched.alpha_bars[1:] < sched.alpha_bars[:-1]).all()
-    assert torch.allclose(sched.alpha_bars, torch.cumprod(1 - sched.betas, 0))
-
-
-def test_vp_schedule_matches_official_formula():
+def test_vp_schedule_matches_official_formula(T):
     # β_t = 1 - exp(-b_min/T - ½(b_max - b_min)(2t - 1)/T²), t = 1..T, b_min = 0.1, b_max = 10
-    b = qsm.make_beta_schedule("vp", 5)
-    expected = [1 - np.exp(-0.1 / 5 - 0.5 * 9.9 * (2 * t - 1) / 25) for t in range(1, 6)]
-    np.testing.assert_allclose(b.numpy(), expected, rtol=1e-6)
+    sched = qsm.Schedule(T, torch.device("cpu"))
+    expected = [1 - np.exp(-0.1 / T - 0.5 * 9.9 * (2 * t - 1) / T**2) for t in range(1, T + 1)]
+    np.testing.assert_allclose(sched.betas.numpy(), expected, rtol=1e-6)
+    assert ((sched.betas > 0) & (sched.betas < 1)).all() and (sched.alpha_bars[1:] < sched.alpha_bars[:-1]).all()
+    assert torch.allclose(sched.alpha_bars, torch.cumprod(1 - sched.betas, 0))
 
 
 # --- the QSM loss against analytic critics -----------------------------------------------------------------------
@@ -152,7 +145,7 @@ class AnalyticQ(nn.Module):
 def train_qsm(q_fn, obs_dim, act_dim, steps, seed=0, sample_states=None, **flags):
     torch.manual_seed(seed)
     args = qsm.Args(**flags)  # the default QSM flags: M_q, normalized ∇ₐQ, T = 5, vp schedule (a smaller, faster net)
-    sched = qsm.Schedule(args.beta_schedule, args.diffusion_steps, torch.device("cpu"))
+    sched = qsm.Schedule(args.diffusion_steps, torch.device("cpu"))
     den = qsm.Denoiser(obs_dim, act_dim, (128, 128), 64)
     untrained = qsm.Denoiser(obs_dim, act_dim, (128, 128), 64)
     untrained.load_state_dict(den.state_dict())
@@ -243,7 +236,7 @@ def test_two_equal_optima_give_a_bimodal_policy_at_every_critic_scale():
 def test_qsm_target_does_not_depend_on_the_scale_of_q():
     # the normalized target M_q·∇ₐQ/RMS(∇ₐQ) is the same for Q and 1000·Q; the paper's (--no-normalize-q-grad) is not
     q_fn = lambda s, a: quadratic_q(1.0)(s, a) + (s * a.sum(-1, keepdim=True)).sum(-1)
-    den, sched = qsm.Denoiser(4, 2, (32, 32), 8), qsm.Schedule("vp", 5, torch.device("cpu"))
+    den, sched = qsm.Denoiser(4, 2, (32, 32), 8), qsm.Schedule(5, torch.device("cpu"))
     batch = {"obs": torch.randn(64, 4), "actions": torch.rand(64, 2) * 2 - 1}
 
     def loss(scale, **kw):
@@ -259,7 +252,7 @@ def test_losses_touch_only_their_own_network():
     torch.manual_seed(0)
     S, A = 5, 2
     args = qsm.Args()
-    sched = qsm.Schedule("vp", 5, torch.device("cpu"))
+    sched = qsm.Schedule(5, torch.device("cpu"))
     den, qf, qf_t = qsm.Denoiser(S, A, (16,), 8), qsm.TwinQ(S, A, (16,)), qsm.TwinQ(S, A, (16,))
     batch = {"obs": torch.randn(8, S), "next_obs": torch.randn(8, S), "actions": torch.rand(8, A) * 2 - 1,
              "rewards": torch.randn(8), "terminated": torch.zeros(8)}
@@ -280,7 +273,7 @@ def test_losses_touch_only_their_own_network():
 def test_critic_target_cuts_bootstrap_only_on_terminated():
     torch.manual_seed(0)
     args = qsm.Args(gamma=0.9)
-    sched = qsm.Schedule("vp", 5, torch.device("cpu"))
+    sched = qsm.Schedule(5, torch.device("cpu"))
     den = qsm.Denoiser(3, 1, (8,), 8)
     const_q = lambda c: AnalyticQ(lambda s, a: torch.full((s.shape[0],), c))
     batch = {"obs": torch.zeros(2, 3), "next_obs": torch.zeros(2, 3), "actions": torch.zeros(2, 1),
@@ -302,12 +295,12 @@ def test_compiled_update_matches_eager(monkeypatch):
     for compile in (False, True):
         args = qsm.Args(compile=compile, actor_hidden_dims=(32, 32), critic_hidden_dims=(32, 32))
         torch.manual_seed(0)
-        sched = qsm.Schedule(args.beta_schedule, args.diffusion_steps, torch.device("cpu"))
+        sched = qsm.Schedule(args.diffusion_steps, torch.device("cpu"))
         den, qf, qf_t = qsm.Denoiser(S, A, (32, 32), 64), qsm.TwinQ(S, A, (32, 32)), qsm.TwinQ(S, A, (32, 32))
         qf_t.load_state_dict(qf.state_dict())
         q_opt = torch.optim.Adam(qf.parameters(), lr=1e-3, fused=True)
         a_opt = torch.optim.Adam(den.parameters(), lr=1e-3, fused=True)
-        update = qsm.make_update(den, den, qf, qf_t, q_opt, a_opt, sched, args)
+        update = qsm.make_update(den, qf, qf_t, q_opt, a_opt, sched, args)
         flat_params = lambda: torch.cat([p.detach().flatten() for m in (den, qf, qf_t) for p in m.parameters()])
         p_init = flat_params()
         torch.manual_seed(1)
@@ -319,31 +312,6 @@ def test_compiled_update_matches_eager(monkeypatch):
             assert torch.allclose(me[k], mc[k], rtol=1e-4, atol=1e-5), (k, me[k], mc[k])
     assert torch.allclose(p_eager, p_comp, rtol=1e-4, atol=1e-5), (p_eager - p_comp).abs().max()
     assert (p_eager - p_init).abs().max() > 1e-3  # the three updates did move the parameters
-
-
-def test_target_denoiser_acts_in_the_critic_target_and_follows_by_polyak(monkeypatch):
-    """--actor-tau < 1 (the official code's target score model): a' in the critic target comes from the target
-    denoiser, which moves by φ̄ ← (1-τ)φ̄ + τφ after each update; ε_θ itself gets the QSM gradient."""
-    S, A, B = 3, 2, 16
-    args = qsm.Args(actor_tau=0.25, compile=False)
-    torch.manual_seed(0)
-    sched = qsm.Schedule(args.beta_schedule, args.diffusion_steps, torch.device("cpu"))
-    den, qf, qf_t = qsm.Denoiser(S, A, (16, 16), 8), qsm.TwinQ(S, A, (16, 16)), qsm.TwinQ(S, A, (16, 16))
-    den_t = copy.deepcopy(den)
-    q_opt, a_opt = torch.optim.Adam(qf.parameters(), lr=1e-2), torch.optim.Adam(den.parameters(), lr=1e-2)
-    sampled_with = []
-    real_sample = qsm.ddpm_sample
-    monkeypatch.setattr(qsm, "ddpm_sample", lambda d, *a, **k: sampled_with.append(d) or real_sample(d, *a, **k))
-    update = qsm.make_update(den, den_t, qf, qf_t, q_opt, a_opt, sched, args)
-    batch = {"obs": torch.randn(B, S), "next_obs": torch.randn(B, S), "actions": torch.rand(B, A) * 2 - 1,
-             "rewards": torch.randn(B), "terminated": torch.zeros(B)}
-    flat = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])
-    for _ in range(3):
-        before = flat(den_t)
-        update(batch)
-        assert torch.allclose(flat(den_t), 0.75 * before + 0.25 * flat(den), atol=1e-6)
-    assert sampled_with == [den_t] * 3
-    assert (flat(den_t) - flat(den)).abs().max() > 1e-3  # the target lags the denoiser
 
 
 # --- environment handling ---------------------------------------------------------------------------------------
@@ -371,8 +339,7 @@ def test_vector_env_autoreset_truncation_and_action_bounds(tmp_path, monkeypatch
 # --- end to end ---------------------------------------------------------------------------------------------
 def test_main_logs_saves_and_reloads(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    out = qsm.main(small_args(total_timesteps=500, learning_starts=100, eval_freq=250, eval_episodes=1,
-                              save_model=True))
+    out = qsm.main(small_args(total_timesteps=500, learning_starts=100, eval_freq=250, eval_episodes=1))
     assert out["num_updates"] == 400  # one per env step after learning_starts
     ea = EventAccumulator(out["run_dir"]).Reload()
     tags = set(ea.Tags()["scalars"])
@@ -383,19 +350,21 @@ def test_main_logs_saves_and_reloads(tmp_path, monkeypatch, capsys):
     assert len(ea.Scalars("eval/episodic_return")) == 2
     assert all(np.isfinite(e.value) for e in ea.Scalars("losses/actor_loss"))
 
-    ckpt = glob.glob(f"{out['run_dir']}/qsm.pt")[0]
+    ckpt = f"{out['run_dir']}/checkpoint.pt"  # saved at the end, whatever --checkpoint-freq (0 here)
     sd = torch.load(ckpt, weights_only=True)
-    assert torch.equal(sd["denoiser"]["net.0.weight"], out["denoiser"].state_dict()["net.0.weight"])
+    assert sd["global_step"] == 500 and torch.equal(sd["denoiser"]["net.0.weight"], out["denoiser"].state_dict()["net.0.weight"])
+    assert f"evaluate its policy with: python qsm.py --env-id Pendulum-v1 --eval-only {ckpt}" in capsys.readouterr().out
     # architecture flags come from the checkpoint, so the defaults (256 wide) must not matter here
-    ev = qsm.main(qsm.Args(env_id="Pendulum-v1", checkpoint=ckpt, eval_only=True, eval_episodes=2, cuda=False,
-                           compile=False))
+    ev = qsm.main(qsm.Args(env_id="Pendulum-v1", eval_only=ckpt, eval_episodes=2, cuda=False, compile=False))
     assert len(ev["eval_returns"]) == 2 and all(-2000 < r <= 0 for r in ev["eval_returns"])
     assert "eval Pendulum-v1: return" in capsys.readouterr().out
-    # bad files: --resume of a weights-only file, a truncated or empty file, a file of another program
+    # bad files: --resume of the networks alone, a truncated or empty file, a file of another program
+    torch.save({k: sd[k] for k in ("args", "dims", "denoiser", "qf")}, "nets.pt")
     Path("cut.pt").write_bytes(Path(ckpt).read_bytes()[:1000])
     Path("empty.pt").write_bytes(b"")
     torch.save({"policy": {"w": torch.zeros(3)}}, "foreign.pt")
-    for path, message in ((ckpt, "holds only networks (--save-model); --resume needs a runs/<run>/checkpoint.pt"),
+    for path, message in (("nets.pt", "nets.pt does not fit this qsm.py: it has no envs, global_step, num_updates, "
+                                      "obs, rb, recent_returns, run_name"),
                           ("cut.pt", "cannot read checkpoint 'cut.pt': RuntimeError"),
                           ("empty.pt", "cannot read checkpoint 'empty.pt': EOFError"),
                           ("foreign.pt", "foreign.pt is not a checkpoint of this qsm.py")):
@@ -404,15 +373,14 @@ def test_main_logs_saves_and_reloads(tmp_path, monkeypatch, capsys):
         assert str(e.value.code).startswith("qsm.py: error: ") and message in str(e.value.code), e.value.code
 
 
-@pytest.mark.parametrize("flags", [dict(eval_only=True), dict(total_timesteps=300, learning_starts=100)])
-def test_checkpoint_of_another_env_is_refused_in_one_line(flags, tmp_path, monkeypatch):
+def test_checkpoint_of_another_env_is_refused_in_one_line(tmp_path, monkeypatch):
     """Forgetting --env-id (so Walker2d-v4 is assumed) or naming another env: say what the checkpoint was made for."""
     monkeypatch.chdir(tmp_path)
-    out = qsm.main(small_args(total_timesteps=150, learning_starts=100, save_model=True))
+    out = qsm.main(small_args(total_timesteps=150, learning_starts=100))
     for env_id, dims in (("Walker2d-v4", "obs 17, act 6"), ("Hopper-v4", "obs 11, act 3")):
         with pytest.raises(SystemExit) as e:
-            qsm.main(qsm.Args(env_id=env_id, checkpoint=f"{out['run_dir']}/qsm.pt", cuda=False, compile=False, **flags))
-        assert str(e.value.code) == (f"qsm.py: error: {out['run_dir']}/qsm.pt was made for Pendulum-v1 (obs 3, act 1), "
+            qsm.main(qsm.Args(env_id=env_id, eval_only=f"{out['run_dir']}/checkpoint.pt", cuda=False, compile=False))
+        assert str(e.value.code) == (f"qsm.py: error: {out['run_dir']}/checkpoint.pt was made for Pendulum-v1 (obs 3, act 1), "
                                      f"not {env_id} ({dims}); pass --env-id Pendulum-v1")
     assert len(glob.glob("runs/*")) == 1  # nothing was made for the refused runs
 
@@ -443,9 +411,7 @@ gym.register("Qsm2DAction-v0", entry_point=lambda: BadEnv(gym.spaces.Box(-1, 1, 
     (dict(eval_freq=-1), "--eval-freq and --checkpoint-freq must be ≥ 0"),
     (dict(checkpoint_freq=-1), "--eval-freq and --checkpoint-freq must be ≥ 0"),
     (dict(log_freq=0), "--log-freq ≥ 1"),
-    (dict(eval_only=True), "--eval-only needs --checkpoint"),
     (dict(resume="nowhere.pt"), "cannot read checkpoint 'nowhere.pt'"),
-    (dict(capture_video=True, env_id="QsmProbe-v0"), "cannot make environment 'QsmProbe-v0' to render (--capture-video)"),
     (dict(buffer_size=10**12, total_timesteps=10**12), "needs 33527.6 GiB, more than this machine has"),
     (dict(diffusion_steps=10**8), "--diffusion-steps must be ≤ 1000"),
     (dict(critic_hidden_dims=(10**6, 10**6)), "GiB with their optimizer states, more than a quarter"),
@@ -454,7 +420,6 @@ gym.register("Qsm2DAction-v0", entry_point=lambda: BadEnv(gym.spaces.Box(-1, 1, 
 ])
 def test_bad_input_fails_before_training(kw, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MUJOCO_GL", raising=False)  # --capture-video sets it; undone after the test
     with pytest.raises(SystemExit) as e:
         qsm.main(small_args(**kw))
     msg = str(e.value.code)
@@ -506,7 +471,7 @@ def test_learns_pendulum(tmp_path, monkeypatch):
     assert len(last) == 10 and np.mean(last) >= -600, last  # swung up and held: ≈ -150 per episode
 
 
-# --- long runs: reproducibility, checkpoints and resume, NaN guard, signals, video ------------------------------
+# --- long runs: reproducibility, checkpoints and resume, NaN guard, signals -------------------------------------
 def flat_params(*nets) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for net in nets for p in net.state_dict().values()])
 
@@ -538,14 +503,13 @@ def test_same_seed_same_run_other_seed_differs(tmp_path, monkeypatch):
     assert returns[0] != returns[2] and not torch.allclose(params[0], params[2])
 
 
-@pytest.mark.parametrize("actor_tau", [1.0, 0.05])  # 0.05: the target denoiser, which acts, is restored too
-def test_resume_continues_the_run_exactly(actor_tau, tmp_path, monkeypatch, capsys):
+def test_resume_continues_the_run_exactly(tmp_path, monkeypatch, capsys):
     """Straight 500 steps vs the checkpoint at 300 resumed (inside Pendulum's second 200-step episode): Pendulum
     pickles with its state, so the resumed run is the same run: same parameters bit for bit, one TensorBoard curve
     without overlap."""
     monkeypatch.chdir(tmp_path)
     keep_checkpoint_at(300, "at300.pt", monkeypatch)
-    straight = qsm.main(small_args(total_timesteps=500, learning_starts=100, checkpoint_freq=150, actor_tau=actor_tau))
+    straight = qsm.main(small_args(total_timesteps=500, learning_starts=100, checkpoint_freq=150))
     before = {tag: scalars(straight["run_dir"], tag) for tag in ("charts/episodic_return", "losses/actor_loss")}
     ck = torch.load(f"{straight['run_dir']}/at300.pt", weights_only=True)
     assert ck["envs"] is not None and (ck["global_step"], ck["num_updates"]) == (300, 200)
@@ -621,10 +585,10 @@ def test_broken_env_stops_in_one_line_before_the_replay_buffer(field, tmp_path, 
 
 def test_a_broken_env_in_evaluation_and_a_full_disk_are_one_line_each(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    run_dir = qsm.main(small_args(env_id="QsmBroken-v0", total_timesteps=200, save_model=True))["run_dir"]
+    run_dir = qsm.main(small_args(env_id="QsmBroken-v0", total_timesteps=200))["run_dir"]
     monkeypatch.setattr(BrokenEnv, "broken_after", 3)  # evaluation's env breaks at its 4th step
     with pytest.raises(SystemExit) as e:
-        qsm.main(qsm.Args(env_id="QsmBroken-v0", checkpoint=f"{run_dir}/qsm.pt", eval_only=True, compile=False))
+        qsm.main(qsm.Args(env_id="QsmBroken-v0", eval_only=f"{run_dir}/checkpoint.pt", compile=False))
     assert str(e.value.code) == ("qsm.py: error: non-finite reward from QsmBroken-v0 in evaluation episode 1 at step "
                                  "its end; it was not stored; last good checkpoint: unchanged")
 
@@ -679,9 +643,10 @@ def test_a_checkpoint_of_another_qsm_version_says_what_differs(tmp_path, monkeyp
     good = torch.load(f"{run_dir}/checkpoint.pt", weights_only=True)
     w = "hidden.0.weight"
     variants = [  # (how the other version's checkpoint differs, what the one line says)
-        (lambda c: c["qf"].pop(w), f"in qf, {w} missing"),
-        (lambda c: c["qf"].update(extra=torch.zeros(1)), "in qf, extra unknown"),
-        (lambda c: c["qf"].update({w: torch.zeros(2, 5, 64)}), f"in qf, {w} is (2, 5, 64), here (2, 4, 32)"),
+        (lambda c: c["qf"].pop(w), f'qf: RuntimeError: Error(s) in loading state_dict for TwinQ: Missing key(s) in state_dict: "{w}"'),
+        (lambda c: c["qf"].update(extra=torch.zeros(1)), 'Unexpected key(s) in state_dict: "extra"'),
+        (lambda c: c["qf"].update({w: torch.zeros(2, 5, 64)}), f"size mismatch for {w}: copying a param with shape "
+         "torch.Size([2, 5, 64]) from checkpoint, the shape in current model is torch.Size([2, 4, 32])"),
         (lambda c: c.pop("rng"), "it has no 'rng'"),
         (lambda c: c.pop("num_updates"), "it has no num_updates"),
         (lambda c: c["q_opt"]["param_groups"].clear(), "q_opt: ValueError"),
@@ -756,7 +721,7 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeyp
 
 
 class EndlessEnv(gym.Env):
-    """An env whose constructor takes no render_mode and whose episodes never end (no time limit registered)."""
+    """An env whose episodes never end (no time limit registered)."""
 
     observation_space = gym.spaces.Box(-1, 1, (2,))
     action_space = gym.spaces.Box(-1, 1, (1,))
@@ -775,7 +740,7 @@ class EndlessEnv(gym.Env):
 gym.register("QsmEndless-v0", entry_point=EndlessEnv)
 
 
-def test_env_without_render_mode_or_time_limit_trains_and_evaluates(tmp_path, monkeypatch):
+def test_env_without_time_limit_trains_and_evaluates(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = qsm.main(small_args(env_id="QsmEndless-v0", total_timesteps=1100, learning_starts=1000, eval_freq=1100,
                               eval_episodes=1))
@@ -882,25 +847,6 @@ def test_signal_during_compile_warm_up_exits_within_seconds(tmp_path):
     assert p.returncode == 128 + signal.SIGTERM
     assert "qsm.py: SIGTERM before training began: exiting, nothing to save" in "".join(err)
     assert not (tmp_path / "runs").exists()
-
-
-def test_capture_video(tmp_path):
-    import ctypes.util
-
-    if ctypes.util.find_library("EGL") is None:
-        pytest.skip("no EGL library: headless MuJoCo rendering needs libegl1 + libgl1-mesa-dri (README)")
-    cmd = [sys.executable, str(HERE / "qsm.py"), "--env-id", "InvertedPendulum-v4", "--total-timesteps", "300",
-           "--learning-starts", "100", "--batch-size", "32", "--actor-hidden-dims", "32", "32", "--critic-hidden-dims",
-           "32", "32", "--no-compile", "--no-cuda", "--eval-freq", "150", "--eval-episodes", "2", "--capture-video"]
-    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    videos = sorted(glob.glob(str(tmp_path / "videos/*/*.mp4")))
-    assert [Path(v).name for v in videos] == ["step150-episode-0.mp4", "step300-episode-0.mp4"]  # first episode only
-    from moviepy import VideoFileClip
-
-    clip = VideoFileClip(videos[0])
-    assert clip.duration > 0 and clip.get_frame(0).shape == (480, 480, 3) and clip.get_frame(0).std() > 0
-    clip.close()
 
 
 def test_dm_control_task_end_to_end(tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ import qsm  # noqa: E402
 
 def train_actor(qf, rb, obs_dim, act_dim, T, mq, p, updates, seed, hidden, flags=()):
     torch.manual_seed(seed)
-    sched = qsm.Schedule("vp", T, torch.device("cpu"))
+    sched = qsm.Schedule(T, torch.device("cpu"))
     den = qsm.Denoiser(obs_dim, act_dim, hidden, 64)
     opt = torch.optim.Adam(den.parameters(), lr=3e-4)
     sig = (1 - sched.alpha_bars).sqrt() ** p

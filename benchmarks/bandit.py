@@ -40,7 +40,7 @@ class BanditQ(torch.nn.Module):
 def sample_policy(flags: dict, k: float, steps: int, n: int, seed: int = 0) -> torch.Tensor:
     torch.manual_seed(seed)
     args = qsm.Args(**flags)
-    sched = qsm.Schedule(args.beta_schedule, args.diffusion_steps, torch.device("cpu"))
+    sched = qsm.Schedule(args.diffusion_steps, torch.device("cpu"))
     den = qsm.Denoiser(1, 1, args.actor_hidden_dims, args.time_dim)
     opt = torch.optim.Adam(den.parameters(), lr=args.actor_lr)
     qf = BanditQ(k)

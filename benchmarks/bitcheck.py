@@ -17,8 +17,8 @@ import torch
 CONFIGS = {
     "pendulum_eager": dict(env_id="Pendulum-v1", total_timesteps=700, compile=False),
     "pendulum_compiled": dict(env_id="Pendulum-v1", total_timesteps=500, compile=True),
-    "hopper_layer_norm_critic_target_denoiser_2_envs": dict(env_id="Hopper-v4", total_timesteps=500, compile=False,
-                                                            critic_norm="layer", actor_tau=0.05, num_envs=2),
+    "hopper_layer_norm_critic_2_envs": dict(env_id="Hopper-v4", total_timesteps=500, compile=False, critic_norm="layer",
+                                            num_envs=2),
     "papers_loss_with_noise": dict(env_id="Pendulum-v1", total_timesteps=500, compile=False, normalize_q_grad=False,
                                    q_grad_scale=50, exploration_noise=0.1),
 }

@@ -45,7 +45,7 @@ def main():
             print(f"skip {run}: its checkpoint is at step {step} of {budget}")
             continue
         for temp in todo:
-            args = qsm.Args(env_id=saved["args"]["env_id"], seed=saved["args"]["seed"], checkpoint=ckpt, eval_only=True,
+            args = qsm.Args(env_id=saved["args"]["env_id"], seed=saved["args"]["seed"], eval_only=ckpt,
                             eval_episodes=o.episodes, ddpm_temperature=temp, cuda=False, compile=False)
             returns = qsm.main(args)["eval_returns"]
             rows.append(dict(run=Path(run).name, step=step, temperature=temp,

@@ -67,13 +67,13 @@ def build(width, compile, device, seed=0, critic_norm="none", T=5):
     args = qsm.Args(actor_hidden_dims=(width, width), critic_hidden_dims=(width, width), compile=compile,
                     critic_norm=critic_norm, diffusion_steps=T)
     torch.manual_seed(seed)
-    sched = qsm.Schedule(args.beta_schedule, args.diffusion_steps, device)
+    sched = qsm.Schedule(args.diffusion_steps, device)
     den = qsm.Denoiser(OBS, ACT, args.actor_hidden_dims, args.time_dim).to(device)
     qf = qsm.TwinQ(OBS, ACT, args.critic_hidden_dims, norm=critic_norm).to(device)
     qf_t = copy.deepcopy(qf)
     q_opt = torch.optim.Adam(qf.parameters(), lr=args.critic_lr, fused=True)
     a_opt = torch.optim.Adam(den.parameters(), lr=args.actor_lr, fused=True)
-    update = qsm.make_update(den, den, qf, qf_t, q_opt, a_opt, sched, args)  # den twice: no target denoiser
+    update = qsm.make_update(den, qf, qf_t, q_opt, a_opt, sched, args)
     sample = torch.compile(qsm.ddpm_sample) if compile else qsm.ddpm_sample
     return update, lambda s: sample(den, sched, s, ACT), den, sched
 

@@ -32,7 +32,7 @@ def main():
         den = qsm.Denoiser(obs_dim, act_dim, a.actor_hidden_dims, a.time_dim)
         qf = qsm.TwinQ(obs_dim, act_dim, a.critic_hidden_dims, norm=a.critic_norm).eval()
         qsm.restore(dict(denoiser=den, qf=qf), {**c, "denoiser": c.get("policy", c["denoiser"])}, run)
-        sched = qsm.Schedule(a.beta_schedule, a.diffusion_steps, torch.device("cpu"))
+        sched = qsm.Schedule(a.diffusion_steps, torch.device("cpu"))
         s = c["rb"]["obs"][torch.randint(0, c["rb"]["size"], (o.states,))].repeat_interleave(n, 0)
         with torch.no_grad():
             x = qsm.ddpm_sample(den, sched, s, act_dim, a.ddpm_temperature, a.clip_sampler)
