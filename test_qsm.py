@@ -649,6 +649,7 @@ def test_a_checkpoint_of_another_qsm_version_says_what_differs(tmp_path, monkeyp
          "torch.Size([2, 5, 64]) from checkpoint, the shape in current model is torch.Size([2, 4, 32])"),
         (lambda c: c.pop("rng"), "it has no 'rng'"),
         (lambda c: c.pop("num_updates"), "it has no num_updates"),
+        (lambda c: c["args"].update(actor_tau=0.05), "saved by another qsm.py version, with flags unknown here: actor_tau"),
         (lambda c: c["q_opt"]["param_groups"].clear(), "q_opt: ValueError"),
     ]
     for change, message in variants:
