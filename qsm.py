@@ -399,7 +399,7 @@ def prepare(args: Args) -> Setup:
         if ignored := [k for k, v in vars(args).items() if k != "resume" and v != getattr(Args, k)]:
             print(f"qsm.py: --resume takes every flag from the checkpoint; ignoring {', '.join(ignored)}", file=sys.stderr)
         if unknown := resume["args"].keys() - vars(args).keys():  # a flag that an earlier qsm.py had
-            fail(f"{args.resume} was saved by another qsm.py version, with flags unknown here: {', '.join(sorted(unknown))}")
+            fail(f"{args.resume} does not fit this qsm.py: it has flags unknown here: {', '.join(sorted(unknown))}")
         args = Args(**{**resume["args"], "resume": args.resume})
     check_args(args)
     obs_dim, act_dim = check_env(args)
@@ -772,8 +772,8 @@ class Run:
         self.last_good = self.path
         self.writer.add_text("checkpoints", f"{reason}: {self.path}", step)
         if step >= self.args.total_timesteps:
-            self.pbar.write(f"saved {self.path}; evaluate its policy with: python qsm.py --env-id {self.args.env_id} "
-                            f"--eval-only {self.path}")
+            self.pbar.write(f"qsm.py: saved {self.path}; evaluate its policy with: python qsm.py --env-id "
+                            f"{self.args.env_id} --eval-only {self.path}", file=sys.stderr)
 
     def save_and_exit(self, stop: Stop, *counters):
         sig = signal.Signals(stop.signum).name
