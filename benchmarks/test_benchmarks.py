@@ -4,6 +4,8 @@ import contextlib
 import csv
 import fcntl
 import glob
+import importlib.util
+import io
 import os
 import signal
 import subprocess
@@ -27,6 +29,23 @@ def bench(script: str, *args: str, rc: int = 0) -> subprocess.CompletedProcess:
                        timeout=300, env=ENV)
     assert p.returncode == rc, p.stdout[-2000:] + p.stderr[-3000:]
     return p
+
+
+def script(name: str, *args: str, rc: int = 0) -> subprocess.CompletedProcess:
+    """benchmarks/{name}'s main() run in this process, as `python benchmarks/{name} args` would (a subprocess would
+    import torch again: seconds each); exit status and output as bench() gives them."""
+    spec = importlib.util.spec_from_file_location(f"bench_{Path(name).stem}", ROOT / "benchmarks" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.MonkeyPatch.context() as m:
+        m.setattr(sys, "argv", [name, *args])
+        try:
+            module.main()
+        except SystemExit as e:  # sys.exit("message"): the message on stderr, status 1
+            code = e.code or 0 if not isinstance(e.code, str) else print(e.code, file=sys.stderr) or 1
+    assert code == rc, out.getvalue()[-2000:] + err.getvalue()[-3000:]
+    return subprocess.CompletedProcess([name, *args], code, out.getvalue(), err.getvalue())
 
 
 def last_line(p) -> str:
@@ -215,7 +234,7 @@ def test_memory_samples_a_run_and_a_failed_run_changes_nothing(tmp_path):
 
 
 def test_speed_times_the_update(tmp_path):
-    out = bench("speed.py", "--widths", "32", "--critic-norms", "none", "layer", "--diffusion-steps", "5", "10",
+    out = script("speed.py", "--widths", "32", "--critic-norms", "none", "layer", "--diffusion-steps", "5", "10",
                 "--rounds", "1", "--per-round", "3", "--eager-only").stdout
     for norm, T in ((n, T) for n in ("none", "layer") for T in (5, 10)):
         row = next(line.split() for line in out.splitlines() if line.strip().startswith(f"32/{norm}/T={T} "))
@@ -232,13 +251,13 @@ def test_step_time_splits_a_learning_step(tmp_path):
 
 
 def test_sampler_check_reports_every_sampler_test(tmp_path):
-    out = bench("sampler_check.py", "--diffusion-steps", "2", "--q-grad-scale", "1", "--steps", "30").stdout
+    out = script("sampler_check.py", "--diffusion-steps", "2", "--q-grad-scale", "1", "--steps", "30").stdout
     verdicts = [line.rsplit(": ", 1)[1] for line in out.splitlines()[1:]]
     assert out.startswith("T = 2, M_q = 1.0") and len(verdicts) == 6 and set(verdicts) <= {"PASS", "FAIL"}, out
 
 
 def test_bandit_draws_the_sampled_actions(tmp_path):
-    out = bench("bandit.py", "--scales", "1", "--steps", "20", "--samples", "200", "--out", str(tmp_path / "b.csv"),
+    out = script("bandit.py", "--scales", "1", "--steps", "20", "--samples", "200", "--out", str(tmp_path / "b.csv"),
                 "--picture", str(tmp_path / "b.png")).stdout
     got = rows(tmp_path / "b.csv")
     assert len(got) == 3 and (tmp_path / "b.png").stat().st_size > 10_000, out
@@ -251,19 +270,19 @@ def test_diagnostics_exported_and_final_policies_evaluated_once_each_a_bad_check
     run_dir = str(tmp_path / qsm.main(small_args(seed=3, checkpoint_freq=300))["run_dir"])
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "checkpoint.pt").write_bytes(b"PK not a checkpoint")
-    p = bench("evaluate.py", str(tmp_path / "broken"), run_dir, str(tmp_path / "missing"), "--temperatures", "0", "1",
+    p = script("evaluate.py", str(tmp_path / "broken"), run_dir, str(tmp_path / "missing"), "--temperatures", "0", "1",
               "--episodes", "1", "--out", str(tmp_path / "e.csv"), rc=1)
     errors = [l for l in p.stderr.splitlines() if l.startswith("evaluate.py")]
     assert errors[0].startswith(f"evaluate.py: cannot read {tmp_path}/broken/checkpoint.pt: ")
     assert errors[1].startswith(f"evaluate.py: cannot read {tmp_path}/missing/checkpoint.pt: FileNotFoundError")
     got = rows(tmp_path / "e.csv")  # the good run's rows are kept
     assert [float(r["temperature"]) for r in got] == [0, 1] and all(-2000 < float(r["mean"]) <= 0 for r in got)
-    bench("evaluate.py", run_dir, "--temperatures", "1", "0.5", "0.5", "--episodes", "1", "--out", str(tmp_path / "e.csv"))
+    script("evaluate.py", run_dir, "--temperatures", "1", "0.5", "0.5", "--episodes", "1", "--out", str(tmp_path / "e.csv"))
     again = rows(tmp_path / "e.csv")  # only the missing temperature, once
     assert again[:2] == got and [float(r["temperature"]) for r in again] == [0, 1, 0.5]
-    row = bench("spread.py", run_dir, "--states", "20", "--samples", "16").stdout.splitlines()[2].split("|")
+    row = script("spread.py", run_dir, "--states", "20", "--samples", "16").stdout.splitlines()[2].split("|")
     assert 0 < float(row[3]) < 1.2 and 0 <= float(row[4]) <= 1, row  # std per coordinate ≤ 1 on [-1, 1]; a share
-    bench("diagnostics.py", run_dir, "--windows", "150-300", "--out", str(tmp_path / "d.csv"))
+    script("diagnostics.py", run_dir, "--windows", "150-300", "--out", str(tmp_path / "d.csv"))
     diag = {r["tag"]: float(r["mean"]) for r in rows(tmp_path / "d.csv")}
     for tag in ("policy/action_at_bounds", "policy/next_action_at_bounds", "policy/beats_random"):
         assert 0 <= diag[tag] <= 1, diag
