@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import qsm
@@ -450,16 +451,17 @@ def stderr_lines(stderr: str) -> list[str]:
     return [l for l in stderr.strip().splitlines() if "Warn" not in l and "logger." not in l]  # gymnasium's warnings
 
 
-def test_cli_bad_input_is_one_line(tmp_path):
-    cases = [(["--env-id", "CartPole-v1"], "qsm.py: error: CartPole-v1 has the action space Discrete(2)"),
-             (["--actor-hidden-dims"], "qsm.py: error: --actor-hidden-dims and --critic-hidden-dims need at least one"),
-             (["--seed", "-1"], "qsm.py: error: --seed must be in [0, 2^31)")]
-    procs = [subprocess.Popen([sys.executable, str(HERE / "qsm.py"), *flags], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, cwd=tmp_path) for flags, _ in cases]  # all at once
-    for p, (_, message) in zip(procs, cases):
-        stderr = p.communicate(timeout=120)[1]
-        assert p.returncode == 1 and stderr_lines(stderr) == [stderr_lines(stderr)[-1]], stderr
-        assert stderr_lines(stderr)[0].startswith(message), stderr
+def test_cli_bad_input_is_one_line(tmp_path, monkeypatch):
+    p = subprocess.run([sys.executable, str(HERE / "qsm.py"), "--env-id", "CartPole-v1"], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=120)  # the command line itself, once
+    assert p.returncode == 1 and stderr_lines(p.stderr) == [stderr_lines(p.stderr)[-1]], p.stderr
+    assert stderr_lines(p.stderr)[0].startswith("qsm.py: error: CartPole-v1 has the action space Discrete(2)")
+    monkeypatch.chdir(tmp_path)
+    for flags, message in ((["--actor-hidden-dims"], "--actor-hidden-dims and --critic-hidden-dims need at least one"),
+                           (["--seed", "-1"], "--seed must be in [0, 2^31)")):  # tyro's parse, in this process
+        with pytest.raises(SystemExit) as e:
+            qsm.main(tyro.cli(qsm.Args, args=flags))
+        assert str(e.value.code).startswith(f"qsm.py: error: {message}"), e.value.code
     assert not (tmp_path / "runs").exists()
 
 
@@ -468,7 +470,7 @@ def test_learns_pendulum(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = qsm.main(qsm.Args(env_id="Pendulum-v1", seed=1, total_timesteps=4000, learning_starts=1000,
                             actor_hidden_dims=(64, 64), critic_hidden_dims=(64, 64), eval_freq=0, cuda=False,
-                            compile=False))  # eager: the compiled update is the same (test_compiled_update_matches_eager)
+                            compile=False))  # eager: the compiled update is the same (test_compiled_update_matches_eager_…)
     last = out["episodic_returns"]  # the last 10 training episodes, steps 2000-4000 (random policy ≈ -1200)
     assert len(last) == 10 and np.mean(last) >= -600, last  # swung up and held: ≈ -150 per episode
 
