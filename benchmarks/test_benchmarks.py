@@ -78,7 +78,7 @@ def test_grid_runs_every_arm_once_skips_finished_runs_and_reads_only_whole_csvs_
     assert f"| env | budget | {tag} | sac | sac_zoo | td3 | crossq |" in out
     assert "Aggregate over 1 envs × 1 seeds" in out and f"| {tag} | " in out and "| P(arm > sac) |" in out
     assert (tmp_path / "curves.png").stat().st_size > 10_000
-    again = bench("learning.py", *grid_flags(tmp_path, "qsm", "sac", tag=tag)).stdout
+    again = bench("learning.py", *grid_flags(tmp_path, "qsm", "sac", tag=tag), "--no-plot").stdout
     assert f"skip {tag}_Pendulum-v1_seed1.csv (done)" in again and "skip sac_Pendulum-v1_seed1.csv (done)" in again
 
     # another budget: nothing of the 400-step runs is reported as, or continued into, an 800-step run
