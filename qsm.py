@@ -71,8 +71,6 @@ class Args:
     """number of DDPM steps, T in the paper and the official code"""
     q_grad_scale: float = 1.5
     """M_q: ε_θ is regressed onto -M_q·∇ₐQ/ρ ("M_q" in the official code, α in Alg. 1 of the paper)"""
-    box_prior: bool = False
-    """add the ε of the uniform distribution on the action box to the target: π ∝ exp(Q/temperature) on [-1, 1]"""
     normalize_q_grad: bool = True
     """ρ = RMS of ∇ₐQ over batch and action coordinates (M_q dimensionless); off: ρ = 1, the paper's (M_q = 50)"""
     ddpm_temperature: float = 1.0
@@ -256,23 +254,11 @@ def qsm_loss(denoiser, qf, sched, batch, args: Args):
         dq_da = torch.func.grad(lambda a: qf(s, a).mean(0).sum())(a_t)
         rho = dq_da.pow(2).mean().sqrt() + 1e-8 if args.normalize_q_grad else 1.0  # ρ = RMS(∇ₐQ), Q's scale (paper: 1)
     eps = denoiser(s, a_t, t)  # ε_θ(s, aₜ, t)
-    prior = box_prior_eps(a_t, alpha_bar) if args.box_prior else 0.0  # ε_U of the uniform prior on [-1, 1], or none
-    loss = ((eps - prior + args.q_grad_scale * dq_da / rho) ** 2).sum(-1).mean()  # ‖ε_θ - ε_U + M_q ∇ₐQ/ρ‖²
-    with torch.no_grad():  # diagnostics: the score's tilt -(ε_θ - ε_U) should point along ∇ₐQ
-        diag = {"losses/actor_loss": loss.detach(),
-                "qsm/score_alignment": F.cosine_similarity(prior - eps, dq_da, -1).mean(),
+    loss = ((eps + args.q_grad_scale * dq_da / rho) ** 2).sum(-1).mean()  # ‖ε_θ + M_q ∇ₐQ/ρ‖²
+    with torch.no_grad():  # diagnostics: the score -ε_θ should point along ∇ₐQ
+        diag = {"losses/actor_loss": loss.detach(), "qsm/score_alignment": F.cosine_similarity(-eps, dq_da, -1).mean(),
                 "qsm/dq_da_norm": dq_da.norm(dim=-1).mean(), "qsm/eps_norm": eps.norm(dim=-1).mean()}
     return loss, diag
-
-
-def box_prior_eps(a_t, alpha_bar, n: int = 64):
-    """ε of the uniform distribution on [-1, 1] under the forward process: (aₜ - √ᾱ·E[a₀|aₜ])/√(1-ᾱ), E[a₀|aₜ] by
-    the midpoint rule on n cells of [-1, 1] (the posterior is a Gaussian in a₀ truncated to the box)."""
-    grid = torch.linspace(-1 + 1 / n, 1 - 1 / n, n, device=a_t.device)
-    ab = alpha_bar[..., None]
-    log_w = -((a_t[..., None] - ab.sqrt() * grid) ** 2) / (2 * (1 - ab))
-    mean = (log_w.softmax(-1) * grid).sum(-1)
-    return (a_t - alpha_bar.sqrt() * mean) / (1 - alpha_bar).sqrt()
 
 
 # --- One update: a critic TD step, a QSM actor step, Polyak steps -------------------------------------------------

@@ -875,15 +875,3 @@ def test_dm_control_task_end_to_end(tmp_path, monkeypatch):
     assert step == 1100 and 0 <= eval_ret <= 1000
     resumed = qsm.main(qsm.Args(resume=f"{out['run_dir']}/at1050.pt"))
     assert resumed["global_step"] == 1100 and resumed["num_updates"] == 100 and resumed["run_dir"] == out["run_dir"]
-
-
-def test_box_prior_eps_is_the_uniform_priors_denoiser():
-    # E[a₀|aₜ] for a₀ ~ U[-1, 1] is the mean of N(aₜ/√ᾱ, (1-ᾱ)/ᾱ) truncated to [-1, 1], in closed form with erf
-    a_t = torch.linspace(-2.5, 2.5, 11)[:, None].repeat(1, 2)
-    ab = torch.tensor([[0.3], [0.6]]).repeat(6, 1)[:11]
-    mu, sd = a_t / ab.sqrt(), ((1 - ab) / ab).sqrt()
-    normal = torch.distributions.Normal(0.0, 1.0)
-    lo, hi = (-1 - mu) / sd, (1 - mu) / sd
-    mean = mu + sd * (normal.log_prob(lo).exp() - normal.log_prob(hi).exp()) / (normal.cdf(hi) - normal.cdf(lo))
-    expected = (a_t - ab.sqrt() * mean) / (1 - ab).sqrt()
-    assert torch.allclose(qsm.box_prior_eps(a_t, ab), expected, atol=2e-3), (qsm.box_prior_eps(a_t, ab) - expected)

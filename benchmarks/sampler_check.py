@@ -22,13 +22,9 @@ def main():
     p.add_argument("--q-grad-scale", type=float, default=1.5)
     p.add_argument("--steps", type=int, default=1500, help="training steps of the denoiser (the tests' 1500; the "
                    "bandit gets 2/3 of them, as in the tests)")
-    p.add_argument("--box-prior", action="store_true")
-    p.add_argument("--no-clip", action="store_true")
     o = p.parse_args()
     torch.set_num_threads(1)
-    flags = dict(diffusion_steps=o.diffusion_steps, q_grad_scale=o.q_grad_scale, box_prior=o.box_prior)
-    if o.no_clip:
-        flags["clip_sampler"] = False
+    flags = dict(diffusion_steps=o.diffusion_steps, q_grad_scale=o.q_grad_scale)
     print(f"T = {o.diffusion_steps}, M_q = {o.q_grad_scale}")
     for k in t.SCALES:
         den, _, sched, args = t.train_qsm(t.quadratic_q(k), 4, 2, steps=o.steps, **flags)
