@@ -1,5 +1,6 @@
-"""Tests of the benchmark scripts, driven as a user drives them (subprocesses, tiny runs): every script runs on a
-tiny setting, so that a change of qsm.py breaks a test, not a benchmark; and no run is lost or misreported."""
+"""Tests of the benchmark scripts, driven as a user drives them (tiny runs; a subprocess where a run, a signal or a
+launcher needs one, else the script's main() in this process): every script runs on a tiny setting, so that a change
+of qsm.py breaks a test, not a benchmark; and no run is lost or misreported."""
 import contextlib
 import csv
 import fcntl
@@ -42,8 +43,10 @@ def script(name: str, *args: str, rc: int = 0) -> subprocess.CompletedProcess:
         m.setattr(sys, "argv", [name, *args])
         try:
             module.main()
-        except SystemExit as e:  # sys.exit("message"): the message on stderr, status 1
-            code = e.code or 0 if not isinstance(e.code, str) else print(e.code, file=sys.stderr) or 1
+        except SystemExit as e:  # sys.exit("message") prints the message and exits with status 1
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+            code = 1 if isinstance(e.code, str) else e.code or 0
     assert code == rc, out.getvalue()[-2000:] + err.getvalue()[-3000:]
     return subprocess.CompletedProcess([name, *args], code, out.getvalue(), err.getvalue())
 
