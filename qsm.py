@@ -314,7 +314,7 @@ def train(args: Args, stop: "Stop") -> dict:
     update = make_update(denoiser, qf, qf_target, q_opt, actor_opt, sched, args)
     sample = torch.compile(ddpm_sample) if args.compile else ddpm_sample
     rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim, device)
-    rng = RNG(args.seed)
+    rng = RNG(args.seed, device)
     # same-step autoreset: every step is a transition; an ended episode's last obs is in infos["final_obs"]
     envs = gym.wrappers.vector.RecordEpisodeStatistics(gym.vector.SyncVectorEnv(
         [functools.partial(make_env, args.env_id) for _ in range(args.num_envs)],  # a partial pickles into checkpoints
@@ -529,8 +529,7 @@ def allocate(capacity: int, shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
 
 # --- NaN guards ------------------------------------------------------------------------------------------------
 def check_finite(source: str, step, last_good: str, **fields: np.ndarray):
-    """Stop before a NaN or Inf reaches the env or the replay buffer, checked as float32, the buffer's type (1e39 is
-    finite in float64, Inf in float32)."""
+    """Stop before a NaN or Inf reaches the env or the buffer, checked in the buffer's float32 (1e39 is Inf there)."""
     for name, x in fields.items():
         with np.errstate(over="ignore"):
             if not np.isfinite(np.asarray(x, dtype=np.float32)).all():
@@ -626,18 +625,19 @@ def evaluate(policy, sched, args: Args, device, stop: Stop):
 
 # --- Checkpoints: everything a run needs to continue, written atomically; all but the envs load with weights_only --
 class RNG:
-    """The run's random streams: numpy's (random actions, batches) and torch's (everything else, CPU and GPUs)."""
+    """The run's random streams: numpy's (random actions, batches), torch's, and CUDA's in a run on a GPU."""
 
-    def __init__(self, seed: int):
-        self.np = np.random.default_rng(seed)
+    def __init__(self, seed: int, device: torch.device):
+        self.np, self.cuda = np.random.default_rng(seed), device.type == "cuda"
 
     def state_dict(self) -> dict:
-        return {"np": self.np.bit_generator.state, "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}
+        return {"np": self.np.bit_generator.state, "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if self.cuda else []}  # reading them would start CUDA
 
     def load_state_dict(self, state: dict):
         self.np.bit_generator.state = state["np"]
         torch.set_rng_state(state["torch"])
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all(state["cuda"] if self.cuda else [])
 
 
 def env_state(envs: gym.vector.VectorEnv) -> Optional[bytes]:
@@ -713,7 +713,7 @@ class Run:
 
     def __init__(self, setup: Setup, stop: Stop, envs, objects: dict, update, sample, sched, device):
         args, resume, (obs_dim, act_dim) = setup.args, setup.resume, (setup.obs_dim, setup.act_dim)
-        self.args, self.dims, self.objects, self.stop = args, (obs_dim, act_dim), objects, stop
+        self.args, self.dims, self.objects = args, (obs_dim, act_dim), objects
         self.step, self.num_updates, self.returns, self.envs = 0, 0, deque(maxlen=10), envs
         if resume:
             restore(objects, resume, args.resume)
