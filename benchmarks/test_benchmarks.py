@@ -43,10 +43,11 @@ def script(name: str, *args: str, rc: int = 0) -> subprocess.CompletedProcess:
         m.setattr(sys, "argv", [name, *args])
         try:
             module.main()
-        except SystemExit as e:  # sys.exit("message") prints the message and exits with status 1
-            if isinstance(e.code, str):
+        except SystemExit as e:
+            code = e.code or 0
+            if isinstance(e.code, str):  # sys.exit("message") prints the message and exits with status 1
                 print(e.code, file=sys.stderr)
-            code = 1 if isinstance(e.code, str) else e.code or 0
+                code = 1
     assert code == rc, out.getvalue()[-2000:] + err.getvalue()[-3000:]
     return subprocess.CompletedProcess([name, *args], code, out.getvalue(), err.getvalue())
 
