@@ -63,13 +63,13 @@ class Args:
     """hidden widths of the denoiser MLP (mish; official: 512 512)"""
     critic_hidden_dims: tuple[int, ...] = (256, 256)
     """hidden widths of each critic MLP (relu; official: 512 512)"""
-    critic_norm: Literal["none", "layer"] = "none"
-    """"layer": LayerNorm without affine parameters after every hidden layer of the critics (Ba et al. 2016)"""
+    critic_norm: Literal["none", "layer"] = "layer"
+    """"layer": LayerNorm (no affine parameters) after every hidden layer of the critics (Ba et al. 2016); official: none"""
     time_dim: int = 64
     """size of the learnable Fourier features of the diffusion step t ("time_dim" in the official code)"""
-    diffusion_steps: int = 5
-    """number of DDPM steps, T in the paper and the official code"""
-    q_grad_scale: float = 1.5
+    diffusion_steps: int = 10
+    """number of DDPM steps, T in the paper and the official code (official: 5)"""
+    q_grad_scale: float = 3.0
     """M_q: ε_θ is regressed onto -M_q·∇ₐQ/ρ ("M_q" in the official code, α in Alg. 1 of the paper)"""
     normalize_q_grad: bool = True
     """ρ = RMS of ∇ₐQ over batch and action coordinates (M_q dimensionless); off: ρ = 1, the paper's (M_q = 50)"""
@@ -77,8 +77,8 @@ class Args:
     """scale of the noise injected at each reverse step ("ddpm_temperature" in the official code)"""
     clip_sampler: bool = True
     """clip the action to [-1, 1] after every reverse step ("clip_sampler" in the official code)"""
-    exploration_noise: float = 0.0
-    """std of the Gaussian noise added to sampled actions when acting (official: 0.1; the DDPM sample explores)"""
+    exploration_noise: float = 0.1
+    """std of the Gaussian noise added to sampled actions when acting (as the official code)"""
     target_noise: float = 0.1
     """std of the Gaussian noise added to the sampled next action a' in the critic target"""
     eval_freq: int = 10_000

@@ -3,8 +3,8 @@ maxima at a = ±0.6, Q(a) = -k·min((a - 0.6)², (a + 0.6)²). QSM trains a deno
 own loss and sampler; we draw 4000 actions and histogram them.
 
 k = 0.3 gives ‖∇ₐQ‖ ≈ 0.2 at the noised buffer actions (DeepMind Control's critics: 0.06-0.8), k = 5 gives ≈ 3
-(Gym MuJoCo's: 2.4-6). Configurations: qsm.py's defaults, and the paper's unnormalized target with M_q = 50 (official,
-DeepMind Control) and M_q = 5 (our former Gym MuJoCo default).
+(Gym MuJoCo's: 2.4-6). Configurations: qsm.py's defaults, our former defaults (T = 5, M_q = 1.5), and the paper's
+unnormalized target at T = 5 with M_q = 50 (official, DeepMind Control) and M_q = 5 (our former Gym MuJoCo default).
 
     python benchmarks/bandit.py            # writes benchmarks/results/bandit.csv and benchmarks/bandit.png
 """
@@ -20,9 +20,10 @@ sys.path.insert(0, str(ROOT))
 import qsm  # noqa: E402
 
 CONFIGS = {  # name: qsm.Args flags
-    "default (normalized, M_q = 1.5)": {},
-    "paper, M_q = 50": dict(normalize_q_grad=False, q_grad_scale=50.0),
-    "paper, M_q = 5": dict(normalize_q_grad=False, q_grad_scale=5.0),
+    "default (normalized, T = 10, M_q = 3)": {},
+    "former default (T = 5, M_q = 1.5)": dict(diffusion_steps=5, q_grad_scale=1.5),
+    "paper, M_q = 50": dict(diffusion_steps=5, normalize_q_grad=False, q_grad_scale=50.0),
+    "paper, M_q = 5": dict(diffusion_steps=5, normalize_q_grad=False, q_grad_scale=5.0),
 }
 MODES = (-0.6, 0.6)
 
