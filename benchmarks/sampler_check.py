@@ -32,8 +32,8 @@ def main():
         s, a0 = torch.randn(2048, 4), torch.rand(2048, 2) * 2 - 1
         _, diag = qsm.qsm_loss(den, t.AnalyticQ(t.quadratic_q(k)), sched, {"obs": s, "actions": a0}, args)
         dist, uniform, at_bounds = t.sampled_actions_vs_argmax(den, sched, s)
-        ok = diag["qsm/score_alignment"] >= 0.97 and dist <= uniform / 3 and at_bounds < 0.1
-        print(f"  argmax, k = {k}: alignment {diag['qsm/score_alignment']:.3f} (≥ 0.97), distance / uniform's "
+        ok = diag["qsm/score_alignment"] >= 0.96 and dist <= uniform / 3 and at_bounds < 0.1
+        print(f"  argmax, k = {k}: alignment {diag['qsm/score_alignment']:.3f} (≥ 0.96), distance / uniform's "
               f"{dist / uniform:.2f} (≤ 0.33), at ±1 {at_bounds:.2f} (< 0.1): {'PASS' if ok else 'FAIL'}")
     for k in t.SCALES:
         den, _, sched, _ = t.train_qsm(t.bimodal_q(k), 1, 1, steps=o.steps * 2 // 3,

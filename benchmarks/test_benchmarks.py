@@ -264,7 +264,7 @@ def test_bandit_draws_the_sampled_actions(tmp_path):
     out = script("bandit.py", "--scales", "1", "--steps", "20", "--samples", "200", "--out", str(tmp_path / "b.csv"),
                 "--picture", str(tmp_path / "b.png")).stdout
     got = rows(tmp_path / "b.csv")
-    assert len(got) == 3 and (tmp_path / "b.png").stat().st_size > 10_000, out
+    assert len(got) == 4 and (tmp_path / "b.png").stat().st_size > 10_000, out
     assert all(0 <= float(r["at_bounds"]) <= 1 for r in got)
 
 
