@@ -70,7 +70,14 @@ def name(algo: str, o) -> str:
 
 
 def label(n: str) -> str:
-    return n if n.startswith("qsm") else n.upper()
+    return n.upper() if n in BASELINES else n
+
+
+def color(n: str, o) -> str:
+    """One color per arm, the same in every panel: the baselines' own, red for --tag, then the other arms in turn."""
+    others = [a for a in [o.tag, *o.arms] if a not in COLORS and a != o.tag]
+    return COLORS.get(n) or ("tab:red" if n == o.tag else ["tab:orange", "tab:brown", "tab:olive", "tab:pink",
+                                                             "black"][others.index(n) % 5])
 
 
 def slug(env: str) -> str:  # the env id in file names, as qsm.py writes it in run folders
@@ -262,9 +269,11 @@ def aggregate(per_env: dict, names: list[str], o) -> tuple[list[str], dict]:
         return [f"aggregate: {o.baseline} has no finished runs at this budget"], {}
     norm = {n: np.array([np.array(per_env[e][n][:seeds]) / np.mean(per_env[e][o.baseline]) for e in envs]).T
             for n in arms}
+    np.random.seed(0)  # rliable's bootstrap draws from numpy's global generator: the same intervals on every call
     est, ci = rly.get_interval_estimates(
         norm, lambda x: np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x)]), reps=o.reps)
     others = [n for n in arms if n != o.baseline]
+    np.random.seed(1)
     poi, poi_ci = rly.get_interval_estimates({n: (norm[n], norm[o.baseline]) for n in others},
                                              metrics.probability_of_improvement, reps=o.reps) if others else ({}, {})
     left = [n for n in names if n not in arms]
@@ -297,9 +306,8 @@ def summarize(o) -> list[str]:
                 continue
             s = np.array([[score(st, r, b) for b in grid] for st, r in c.values()])
             m, sd = np.nanmean(s, 0), np.nanstd(s, 0)
-            color = COLORS.get(n, COLORS["qsm"] if n == o.tag else None)
-            ax.plot(grid, m, color=color, label=f"{label(n)}, {len(c)} seed{'s' * (len(c) > 1)}")
-            ax.fill_between(grid, m - sd, m + sd, color=color, alpha=0.15)
+            ax.plot(grid, m, color=color(n, o), label=f"{label(n)}, {len(c)} seed{'s' * (len(c) > 1)}")
+            ax.fill_between(grid, m - sd, m + sd, color=color(n, o), alpha=0.15)
             scores[n] = {b: [score(st, r, b) for st, r in c.values()] for b in (o.steps // 2, o.steps)}
         ax.set(title=env, xlabel="transitions (env steps)", ylabel="training episodic return (last 10 episodes)")
         ax.grid(alpha=0.3)
@@ -321,7 +329,7 @@ def summarize(o) -> list[str]:
         for j, metric in enumerate(("IQM", "mean")):
             y = i + 0.2 * (j - 0.5)
             ax.errorbar(est[j], y, xerr=[[est[j] - ci[0, j]], [ci[1, j] - est[j]]], fmt="o" if j == 0 else "s",
-                        color=COLORS.get(n, COLORS["qsm"] if n.startswith("qsm") else "black"), capsize=3,
+                        color=color(n, o), capsize=3,
                         label=metric if i == 0 else None)
     ax.set(yticks=range(len(agg)), yticklabels=[label(n) for n in agg], xlabel=f"score / {o.baseline}'s mean per env",
            title=f"aggregate over envs × seeds (95% CI)")
