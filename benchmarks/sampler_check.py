@@ -18,8 +18,8 @@ import test_qsm as t  # noqa: E402  (the sampler tests' critics and training loo
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--diffusion-steps", type=int, default=5)
-    p.add_argument("--q-grad-scale", type=float, default=1.5)
+    p.add_argument("--diffusion-steps", type=int, default=qsm.Args.diffusion_steps)
+    p.add_argument("--q-grad-scale", type=float, default=qsm.Args.q_grad_scale)
     p.add_argument("--steps", type=int, default=1500, help="training steps of the denoiser (the tests' 1500; the "
                    "bandit gets 2/3 of them, as in the tests)")
     o = p.parse_args()
@@ -32,9 +32,11 @@ def main():
         s, a0 = torch.randn(2048, 4), torch.rand(2048, 2) * 2 - 1
         _, diag = qsm.qsm_loss(den, t.AnalyticQ(t.quadratic_q(k)), sched, {"obs": s, "actions": a0}, args)
         dist, uniform, at_bounds = t.sampled_actions_vs_argmax(den, sched, s)
-        ok = diag["qsm/score_alignment"] >= 0.96 and dist <= uniform / 3 and at_bounds < 0.1
-        print(f"  argmax, k = {k}: alignment {diag['qsm/score_alignment']:.3f} (≥ 0.96), distance / uniform's "
-              f"{dist / uniform:.2f} (≤ 0.33), at ±1 {at_bounds:.2f} (< 0.1): {'PASS' if ok else 'FAIL'}")
+        align = diag["qsm/score_alignment"]
+        ok = align >= t.MIN_ALIGNMENT and dist <= uniform * t.MAX_DISTANCE and at_bounds < t.MAX_AT_BOUNDS
+        print(f"  argmax, k = {k}: alignment {align:.3f} (≥ {t.MIN_ALIGNMENT}), distance / uniform's "
+              f"{dist / uniform:.2f} (≤ {t.MAX_DISTANCE:.2f}), at ±1 {at_bounds:.2f} (< {t.MAX_AT_BOUNDS}): "
+              f"{'PASS' if ok else 'FAIL'}")
     for k in t.SCALES:
         den, _, sched, _ = t.train_qsm(t.bimodal_q(k), 1, 1, steps=o.steps * 2 // 3,
                                        sample_states=lambda n: torch.zeros(n, 1), **flags)
@@ -42,9 +44,9 @@ def main():
         a = qsm.ddpm_sample(den, sched, torch.zeros(4000, 1), 1)[:, 0]
         near = lambda x: ((a - x).abs() < 0.2).float().mean().item()  # noqa: E731
         bounds = (a.abs() >= 1).float().mean().item()
-        ok = near(0.6) >= 0.25 and near(-0.6) >= 0.25 and near(0.0) < 0.1 and bounds < 0.1
-        print(f"  bandit, k = {k}: near +0.6 {near(0.6):.2f}, near -0.6 {near(-0.6):.2f} (≥ 0.25 each), near 0 "
-              f"{near(0.0):.2f} (< 0.1), at ±1 {bounds:.2f} (< 0.1): {'PASS' if ok else 'FAIL'}")
+        ok = min(near(0.6), near(-0.6)) >= t.MIN_MODE and near(0.0) < t.MAX_VALLEY and bounds < t.MAX_AT_BOUNDS
+        print(f"  bandit, k = {k}: near +0.6 {near(0.6):.2f}, near -0.6 {near(-0.6):.2f} (≥ {t.MIN_MODE} each), near 0 "
+              f"{near(0.0):.2f} (< {t.MAX_VALLEY}), at ±1 {bounds:.2f} (< {t.MAX_AT_BOUNDS}): {'PASS' if ok else 'FAIL'}")
 
 
 if __name__ == "__main__":
