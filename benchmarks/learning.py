@@ -75,9 +75,9 @@ def label(n: str) -> str:
 
 def color(n: str, o) -> str:
     """One color per arm, the same in every panel: the baselines' own, red for --tag, then the other arms in turn."""
-    others = [a for a in [o.tag, *o.arms] if a not in COLORS and a != o.tag]
-    return COLORS.get(n) or ("tab:red" if n == o.tag else ["tab:orange", "tab:brown", "tab:olive", "tab:pink",
-                                                             "black"][others.index(n) % 5])
+    others = [a for a in o.arms if a not in COLORS and a != o.tag]
+    palette = ["tab:orange", "tab:brown", "tab:olive", "tab:pink", "black"]
+    return COLORS.get(n) or ("tab:red" if n == o.tag else palette[others.index(n) % 5] if n in others else "black")
 
 
 def slug(env: str) -> str:  # the env id in file names, as qsm.py writes it in run folders
