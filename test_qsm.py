@@ -171,6 +171,13 @@ MIN_ALIGNMENT = 0.96  # cosine of -ε_θ and ∇ₐQ; 0.96 at T = 10: benchmarks
 MAX_DISTANCE = 1 / 3  # mean distance of sampled actions to argmax Q, as a share of uniform random actions'
 MAX_AT_BOUNDS = 0.1  # share of action coordinates at ±1 (a saturated sampler puts most of them there)
 MIN_MODE, MAX_VALLEY = 0.25, 0.1  # the bandit: share of samples near each maximum, and near the valley between
+
+
+def share_near(a: torch.Tensor, x: float) -> float:
+    """The bandit's measure: the share of sampled actions within 0.2 of x (a maximum, or the valley at 0)."""
+    return ((a - x).abs() < 0.2).float().mean().item()
+
+
 W_MU = torch.randn(4, 2, generator=torch.Generator().manual_seed(1))
 
 
@@ -234,9 +241,8 @@ def test_two_equal_optima_give_a_bimodal_policy_at_every_critic_scale():
                                       args)
     torch.manual_seed(7)
     a = qsm.ddpm_sample(den, sched, torch.zeros(4000, 1), 1)[:, 0]
-    frac_near = lambda x: ((a - x).abs() < 0.2).float().mean().item()
-    assert frac_near(0.6) >= MIN_MODE and frac_near(-0.6) >= MIN_MODE, (frac_near(0.6), frac_near(-0.6))
-    assert frac_near(0.0) < MAX_VALLEY  # two modes, not one wide bump: the valley between them stays nearly empty
+    assert share_near(a, 0.6) >= MIN_MODE and share_near(a, -0.6) >= MIN_MODE, (share_near(a, 0.6), share_near(a, -0.6))
+    assert share_near(a, 0.0) < MAX_VALLEY  # two modes, not one wide bump: the valley between them stays nearly empty
     assert (a.abs() >= 1).float().mean().item() < MAX_AT_BOUNDS
 
 
