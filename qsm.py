@@ -22,14 +22,11 @@ from typing import Literal, NamedTuple, Optional
 import gymnasium as gym
 import numpy as np
 import torch
-import torch._inductor.config
 import torch.nn as nn
 import torch.nn.functional as F
 import tqdm
 import tyro
 from torch.utils.tensorboard import SummaryWriter
-
-torch._inductor.config.fallback_random = True  # compiled code draws noise from torch's RNG (inductor's is slow on CPU)
 
 
 @dataclass

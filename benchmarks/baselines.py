@@ -3,10 +3,11 @@
     python benchmarks/baselines.py --algo sac --env-id Walker2d-v4 --seed 1 --steps 100000 \
         --out benchmarks/results/sac_Walker2d-v4_seed1.csv --workdir benchmarks/.runs/sac_Walker2d-v4_seed1_100000
 
-Arms (hyperparameters in ARMS below; every arm: batch 256, γ 0.99, one update per env step):
+Arms (hyperparameters in ARMS below; every arm: batch 256, γ 0.99, one update per env step unless said):
 - sac: SAC with CleanRL's settings (sac_continuous_action.py): actor LR 3e-4, critic and entropy-coefficient LR 1e-3,
   5,000 random steps, 256×256, τ 0.005, entropy coefficient tuned automatically (target -|A|). One difference:
   CleanRL updates the actor twice every second env step, SB3 once every step: the same number of actor updates.
+- sac_utd2: `sac` with two updates per env step (SB3's gradient_steps=2), beside QSM arms that run --utd-ratio 2.
 - sac_zoo: SAC with rl-baselines3-zoo's MuJoCo settings: one LR of 3e-4 for all, 10,000 random steps.
 - td3: rl-baselines3-zoo's MuJoCo settings: LR 1e-3, 400×300, exploration noise 0.1, 10,000 random steps.
 - crossq: sb3-contrib's CrossQ (Bhatt et al., ICLR 2024) at its published settings: LR 1e-3 with Adam β₁ 0.5,
@@ -47,6 +48,7 @@ STOP_SIGNALS = [getattr(signal, s) for s in ("SIGINT", "SIGTERM", "SIGHUP") if h
 CROSSQ_WIDTH = 256
 ARMS = {  # keyword arguments of the SB3 constructor
     "sac": dict(learning_starts=5_000, learning_rate=1e-3),  # actor LR 3e-4: CleanRLSAC below
+    "sac_utd2": dict(learning_starts=5_000, learning_rate=1e-3, gradient_steps=2),
     "sac_zoo": dict(learning_starts=10_000),
     "td3": dict(learning_starts=10_000, learning_rate=1e-3, policy_kwargs=dict(net_arch=[400, 300])),
     "crossq": dict(learning_starts=5_000, policy_kwargs=dict(net_arch=dict(pi=[256, 256], qf=[CROSSQ_WIDTH] * 2))),
@@ -73,7 +75,7 @@ def algorithm(algo: str):
         from sb3_contrib import CrossQ
 
         return CrossQ
-    return {"sac": CleanRLSAC, "sac_zoo": SAC, "td3": TD3}[algo]
+    return {"sac": CleanRLSAC, "sac_utd2": CleanRLSAC, "sac_zoo": SAC, "td3": TD3}[algo]
 
 
 def lock(workdir: Path):

@@ -39,9 +39,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-BASELINES = ["sac", "sac_zoo", "td3", "crossq"]  # benchmarks/baselines.py's arms
-COLORS = {"qsm": "tab:red", "sac": "tab:blue", "sac_zoo": "tab:cyan", "td3": "tab:green", "crossq": "tab:purple",
-          "sac_cleanrl": "tab:gray"}
+BASELINES = ["sac", "sac_utd2", "sac_zoo", "td3", "crossq"]  # benchmarks/baselines.py's arms
+COLORS = {"qsm": "tab:red", "sac": "tab:blue", "sac_utd2": "tab:olive", "sac_zoo": "tab:cyan", "td3": "tab:green",
+          "crossq": "tab:purple", "sac_cleanrl": "tab:gray"}
 
 
 class Runner:

@@ -88,6 +88,8 @@ def main():
     p.add_argument("--critic-norms", nargs="+", default=["none"], choices=["none", "layer"],
                    help="critics to time at every width (--critic-norm of qsm.py)")
     p.add_argument("--diffusion-steps", nargs="+", type=int, default=[5], help="T values to time at every width")
+    p.add_argument("--rngs", nargs="+", default=["inductor"], choices=["inductor", "torch"],
+                   help="where compiled code draws its noise: inductor's own RNG (qsm.py) or torch's generator")
     p.add_argument("--eager-only", action="store_true", help="skip the compiled path (a quick check that it runs)")
     o = p.parse_args()
     modes = (False,) if o.eager_only else (False, True)
@@ -105,7 +107,10 @@ def main():
     peak = max(matmul_gflops(device), matmul_gflops(device, 1024, 1024, 1024, 20))
     print(f"fp32 matmul throughput: {peak:.1f} GFLOP/s (best of 256x512x512 and 1024^3)")
     rows = []
-    for width, norm, T in ((w, n, T) for w in o.widths for n in o.critic_norms for T in o.diffusion_steps):
+    for width, norm, T, rng in ((w, n, T, r) for w in o.widths for n in o.critic_norms for T in o.diffusion_steps
+                                for r in o.rngs):
+        torch._inductor.config.fallback_random = rng == "torch"
+        torch._dynamo.reset()  # the inductor config is not among dynamo's guards: compile afresh
         update, _, _, _ = build(width, False, device, critic_norm=norm, T=T)
         with MatmulFlops() as fc:
             update(batch)
@@ -119,18 +124,19 @@ def main():
             sync(device)
             fns[compile] = update
             if compile:
-                print(f"width {width}, critic norm {norm}, T={T}: compile + warm-up {time.perf_counter() - t0:.1f} s")
+                print(f"width {width}, critic norm {norm}, T={T}, {rng} RNG: compile + warm-up "
+                      f"{time.perf_counter() - t0:.1f} s")
         times = {False: [], True: []}
         for _ in range(o.rounds):
             for compile in modes:
                 times[compile] += timed(lambda: fns[compile](batch), device, o.per_round)
-        rows.append((f"{width}/{norm}/T={T}", fc.flops / 1e9, floor_ms, *(statistics.median(times[c]) * 1e3 for c in modes)))
+        rows.append((f"{width}/{norm}/T={T}/{rng}", fc.flops / 1e9, floor_ms, *(statistics.median(times[c]) * 1e3 for c in modes)))
 
     print("\nQSM update (critic step + QSM actor step + Polyak), Walker2d-v4 dims, batch 256; median ms/update")
-    print(f"{'width/critic norm/T':>21} {'GFLOP':>7} {'floor ms':>9} {'eager ms':>9} {'of floor':>9} {'compiled ms':>12} "
+    print(f"{'width/critic norm/T/RNG':>27} {'GFLOP':>7} {'floor ms':>9} {'eager ms':>9} {'of floor':>9} {'compiled ms':>12} "
           f"{'of floor':>9} {'speedup':>8}")
     for width, gflop, floor_ms, eager, *comp in rows:  # comp: [] with --eager-only
-        print(f"{width:>21} {gflop:>7.3f} {floor_ms:>9.2f} {eager:>9.2f} {floor_ms / eager:>9.0%} " + (
+        print(f"{width:>27} {gflop:>7.3f} {floor_ms:>9.2f} {eager:>9.2f} {floor_ms / eager:>9.0%} " + (
             f"{comp[0]:>12.2f} {floor_ms / comp[0]:>9.0%} {eager / comp[0]:>7.2f}x" if comp else f"{'–':>12}"))
 
     print(f"\nActing: one DDPM sample (T=5 denoiser passes) at batch 1, width {o.widths[0]}; median ms")

@@ -72,14 +72,14 @@ def rows(path) -> list[dict]:
 # --- learning.py: the grid, its CSVs, the table and the aggregate; runs identified by budget and flags ------------
 def test_grid_runs_every_arm_once_skips_finished_runs_and_reads_only_whole_csvs_of_its_budget(tmp_path):
     tag = "qsm[x]"  # glob characters in a tag must not make its runs look new
-    out = bench("learning.py", *grid_flags(tmp_path, "qsm", "sac", "sac_zoo", "td3", "crossq", seeds=("1", "1"),
-                                           tag=tag)).stdout
-    for n in (tag, "sac", "sac_zoo", "td3", "crossq"):  # one CSV per run: Pendulum's episodes end every 200 steps
+    out = bench("learning.py", *grid_flags(tmp_path, "qsm", "sac", "sac_utd2", "sac_zoo", "td3", "crossq",
+                                           seeds=("1", "1"), tag=tag)).stdout
+    for n in (tag, "sac", "sac_utd2", "sac_zoo", "td3", "crossq"):  # one CSV per run: 200-step Pendulum episodes
         assert out.count(f"done {n}_Pendulum-v1_seed1.csv") == 1, out  # --seeds 1 1: run once
         got = rows(tmp_path / "results" / f"{n}_Pendulum-v1_seed1.csv")
         assert [(r["env"], r["seed"], int(r["step"]), r["budget"]) for r in got] == [
             ("Pendulum-v1", "1", 200, "400"), ("Pendulum-v1", "1", 400, "400")]
-    assert f"| env | budget | {tag} | sac | sac_zoo | td3 | crossq |" in out
+    assert f"| env | budget | {tag} | sac | sac_utd2 | sac_zoo | td3 | crossq |" in out
     assert "Aggregate over 1 envs × 1 seeds" in out and f"| {tag} | " in out and "| P(arm > sac) |" in out
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     again = bench("learning.py", *grid_flags(tmp_path, "qsm", "sac", tag=tag), "--no-plot").stdout
@@ -241,7 +241,7 @@ def test_speed_times_the_update(tmp_path):
     out = script("speed.py", "--widths", "32", "--critic-norms", "none", "layer", "--diffusion-steps", "10",
                  "--rounds", "1", "--per-round", "3", "--eager-only").stdout
     for norm, T in (("none", 10), ("layer", 10)):
-        row = next(line.split() for line in out.splitlines() if line.strip().startswith(f"32/{norm}/T={T} "))
+        row = next(line.split() for line in out.splitlines() if line.strip().startswith(f"32/{norm}/T={T}/inductor "))
         assert 0 < float(row[3]) < 1000, out  # eager ms per update
     assert "Acting: one DDPM sample" in out
 
