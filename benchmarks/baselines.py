@@ -48,11 +48,11 @@ STOP_SIGNALS = [getattr(signal, s) for s in ("SIGINT", "SIGTERM", "SIGHUP") if h
 CROSSQ_WIDTH = 256
 ARMS = {  # keyword arguments of the SB3 constructor
     "sac": dict(learning_starts=5_000, learning_rate=1e-3),  # actor LR 3e-4: CleanRLSAC below
-    "sac_utd2": dict(learning_starts=5_000, learning_rate=1e-3, gradient_steps=2),
     "sac_zoo": dict(learning_starts=10_000),
     "td3": dict(learning_starts=10_000, learning_rate=1e-3, policy_kwargs=dict(net_arch=[400, 300])),
     "crossq": dict(learning_starts=5_000, policy_kwargs=dict(net_arch=dict(pi=[256, 256], qf=[CROSSQ_WIDTH] * 2))),
 }
+ARMS["sac_utd2"] = dict(ARMS["sac"], gradient_steps=2)  # sac, two updates per env step
 FORMAT = 1  # version of state.pkl
 
 

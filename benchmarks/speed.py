@@ -139,6 +139,8 @@ def main():
         print(f"{width:>27} {gflop:>7.3f} {floor_ms:>9.2f} {eager:>9.2f} {floor_ms / eager:>9.0%} " + (
             f"{comp[0]:>12.2f} {floor_ms / comp[0]:>9.0%} {eager / comp[0]:>7.2f}x" if comp else f"{'–':>12}"))
 
+    torch._inductor.config.fallback_random = False  # acting as qsm.py acts, whatever --rngs timed last
+    torch._dynamo.reset()
     print(f"\nActing: one DDPM sample (T=5 denoiser passes) at batch 1, width {o.widths[0]}; median ms")
     s1 = torch.randn(1, OBS, device=device)
     res = {}
