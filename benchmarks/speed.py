@@ -63,6 +63,12 @@ def matmul_gflops(device, m=256, k=512, n=512, reps=200):
     return 2 * m * k * n / statistics.median(timed(lambda: a @ b, device, reps)) / 1e9
 
 
+def use_rng(rng: str):
+    """Where compiled code draws its noise from now on: inductor's own RNG (as qsm.py) or torch's generator."""
+    torch._inductor.config.fallback_random = rng == "torch"
+    torch._dynamo.reset()  # the inductor config is not among dynamo's guards: compile afresh
+
+
 def build(width, compile, device, seed=0, critic_norm="none", T=5):
     args = qsm.Args(actor_hidden_dims=(width, width), critic_hidden_dims=(width, width), compile=compile,
                     critic_norm=critic_norm, diffusion_steps=T)
@@ -109,8 +115,7 @@ def main():
     rows = []
     for width, norm, T, rng in ((w, n, T, r) for w in o.widths for n in o.critic_norms for T in o.diffusion_steps
                                 for r in o.rngs):
-        torch._inductor.config.fallback_random = rng == "torch"
-        torch._dynamo.reset()  # the inductor config is not among dynamo's guards: compile afresh
+        use_rng(rng)
         update, _, _, _ = build(width, False, device, critic_norm=norm, T=T)
         with MatmulFlops() as fc:
             update(batch)
@@ -139,8 +144,7 @@ def main():
         print(f"{width:>27} {gflop:>7.3f} {floor_ms:>9.2f} {eager:>9.2f} {floor_ms / eager:>9.0%} " + (
             f"{comp[0]:>12.2f} {floor_ms / comp[0]:>9.0%} {eager / comp[0]:>7.2f}x" if comp else f"{'–':>12}"))
 
-    torch._inductor.config.fallback_random = False  # acting as qsm.py acts, whatever --rngs timed last
-    torch._dynamo.reset()
+    use_rng("inductor")  # acting as qsm.py acts, whatever --rngs timed last
     print(f"\nActing: one DDPM sample (T=5 denoiser passes) at batch 1, width {o.widths[0]}; median ms")
     s1 = torch.randn(1, OBS, device=device)
     res = {}
