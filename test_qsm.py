@@ -310,7 +310,8 @@ def test_compiled_update_matches_eager_and_repeats_bit_for_bit(monkeypatch):
         args = qsm.Args(compile=compile, actor_hidden_dims=(32, 32), critic_hidden_dims=(32, 32))
         torch.manual_seed(0)
         sched = qsm.Schedule(args.diffusion_steps, torch.device("cpu"))
-        den, qf, qf_t = qsm.Denoiser(S, A, (32, 32), 64), qsm.TwinQ(S, A, (32, 32)), qsm.TwinQ(S, A, (32, 32))
+        den = qsm.Denoiser(S, A, (32, 32), 64)
+        qf, qf_t = (qsm.TwinQ(S, A, (32, 32), norm=args.critic_norm) for _ in range(2))  # the default critic
         qf_t.load_state_dict(qf.state_dict())
         q_opt = torch.optim.Adam(qf.parameters(), lr=1e-3, fused=True)
         a_opt = torch.optim.Adam(den.parameters(), lr=1e-3, fused=True)

@@ -86,7 +86,7 @@ def test_grid_runs_every_arm_once_skips_finished_runs_and_reads_only_whole_csvs_
     assert f"skip {tag}_Pendulum-v1_seed1.csv (done)" in again and "skip sac_Pendulum-v1_seed1.csv (done)" in again
 
     # another budget: nothing of the 400-step runs is reported as, or continued into, an 800-step run
-    other = bench("learning.py", *grid_flags(tmp_path, "sac", steps=800), "--plot-only").stdout
+    other = script("learning.py", *grid_flags(tmp_path, "sac", steps=800), "--plot-only").stdout
     assert "left out: sac_Pendulum-v1_seed1.csv: a run of 400 steps" in other and "| 800" not in other.split("\n")[2]
     p = bench("learning.py", *grid_flags(tmp_path, "sac", steps=800), "--no-plot", rc=1)
     assert "FAILED sac_Pendulum-v1_seed1.csv: it holds a run of 400 steps, not of 800" in p.stdout
@@ -98,13 +98,13 @@ def test_grid_runs_every_arm_once_skips_finished_runs_and_reads_only_whole_csvs_
     (res / "sac_Pendulum-v1_seed3.csv").write_text("env,seed,step,return,budget\n")
     (res / "sac_Pendulum-v1_seed4.csv").write_text("env,seed,step,return,budget\nPendulum-v1,4,200,-9")
     (res / "sac_Pendulum-v1_seed5.csv").write_text("env,seed,step,return,budget\nPendulum-v1,5,200,oops,400\n")
-    table = bench("learning.py", *grid_flags(tmp_path, "sac", seeds=("1", "2", "3", "4", "5")), "--plot-only").stdout
+    table = script("learning.py", *grid_flags(tmp_path, "sac", seeds=("1", "2", "3", "4", "5")), "--plot-only").stdout
     for seed, why in ((2, "holds no episode"), (3, "holds no episode"), (4, "unreadable"), (5, "unreadable")):
         assert f"left out: sac_Pendulum-v1_seed{seed}.csv: {why}" in table, table
     assert "sac_Pendulum-v1_seed4.csv: unreadable (TypeError" in table or "seed4.csv: unreadable (ValueError" in table
     assert "| Pendulum-v1 | 0.4k | " in table and "(n=1)" in table
 
-    p = bench("learning.py", *grid_flags(tmp_path, "sac"), "--jobs", "0", rc=2)
+    p = script("learning.py", *grid_flags(tmp_path, "sac"), "--jobs", "0", rc=2)
     assert p.stderr.strip().splitlines()[-1].endswith("--jobs must be ≥ 1 (got 0)")
 
 
