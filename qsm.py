@@ -47,8 +47,8 @@ class Args:
     """env steps of uniform random actions before the first update ("start_training" in the official code)"""
     batch_size: int = 256
     """transitions per gradient update"""
-    utd_ratio: int = 1
-    """gradient updates per environment step (update-to-data ratio)"""
+    utd_ratio: int = 2
+    """gradient updates per environment step (update-to-data ratio; official: 1)"""
     gamma: float = 0.99
     """discount factor γ"""
     tau: float = 0.005

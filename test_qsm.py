@@ -351,14 +351,14 @@ def test_vector_env_autoreset_truncation_and_action_bounds(tmp_path, monkeypatch
     low, high = ProbeEnv.action_space.low, ProbeEnv.action_space.high
     np.testing.assert_allclose(nxt[:, 2:], low + (act + 1) / 2 * (high - low), atol=1e-5)
     assert np.all(nxt[:, 2:] >= low) and np.all(nxt[:, 2:] <= high)
-    assert np.abs(act).max() <= 1 and out["num_updates"] == 200
+    assert np.abs(act).max() <= 1 and out["num_updates"] == 400  # --utd-ratio 2 per env step after learning_starts
 
 
 # --- end to end ---------------------------------------------------------------------------------------------
 def test_main_logs_saves_and_reloads(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     out = qsm.main(small_args(total_timesteps=500, learning_starts=100, eval_freq=250, eval_episodes=1))
-    assert out["num_updates"] == 400  # one per env step after learning_starts
+    assert out["num_updates"] == 800  # two per env step after learning_starts (--utd-ratio 2)
     ea = EventAccumulator(out["run_dir"]).Reload()
     tags = set(ea.Tags()["scalars"])
     expected = {"charts/episodic_return", "charts/episodic_length", "charts/SPS", "losses/qf1_loss", "losses/qf2_loss",
@@ -483,13 +483,13 @@ def test_cli_bad_input_is_one_line(tmp_path, monkeypatch):
 # --- learning ----------------------------------------------------------------------------------------------------
 def test_learns_pendulum(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = qsm.Args(env_id="Pendulum-v1", seed=1, total_timesteps=3000, learning_starts=1000, actor_hidden_dims=(64, 64),
+    args = qsm.Args(env_id="Pendulum-v1", seed=1, total_timesteps=2000, learning_starts=1000, actor_hidden_dims=(64, 64),
                     critic_hidden_dims=(64, 64), eval_freq=0, eval_episodes=10, cuda=False,
                     compile=False)  # eager: the compiled update is the same (test_compiled_update_matches_eager_…)
     out = qsm.main(args)
     cpu = torch.device("cpu")
     returns = qsm.evaluate(out["denoiser"], qsm.Schedule(args.diffusion_steps, cpu), args, cpu, qsm.Stop())
-    # after 2000 updates the final policy swings the pendulum up and holds it: ≈ -150 per episode (random ≈ -1200)
+    # after 2000 updates (two per step) the final policy swings the pendulum up and holds it: ≈ -150 per episode (random ≈ -1200)
     assert len(returns) == 10 and np.mean(returns) >= -500, returns
 
 
@@ -523,7 +523,7 @@ def test_same_seed_same_run_other_seed_differs(tmp_path, monkeypatch):
             ((1, False), (1, True), (2, False))]
     returns = [scalars(r["run_dir"], "charts/episodic_return") for r in runs]
     params = [flat_params(r["denoiser"], r["qf"]) for r in runs]
-    assert runs[0]["num_updates"] == 300 and len(returns[0]) == 2
+    assert runs[0]["num_updates"] == 600 and len(returns[0]) == 2
     assert returns[0] == returns[1] and torch.equal(params[0], params[1])  # bit for bit
     assert returns[0] != returns[2] and not torch.allclose(params[0], params[2])
 
@@ -537,12 +537,12 @@ def test_resume_continues_the_run_exactly(tmp_path, monkeypatch, capsys):
     straight = qsm.main(small_args(total_timesteps=500, learning_starts=100, checkpoint_freq=150))
     before = {tag: scalars(straight["run_dir"], tag) for tag in ("charts/episodic_return", "losses/actor_loss")}
     ck = torch.load(f"{straight['run_dir']}/at300.pt", weights_only=True)
-    assert ck["envs"] is not None and (ck["global_step"], ck["num_updates"]) == (300, 200)
+    assert ck["envs"] is not None and (ck["global_step"], ck["num_updates"]) == (300, 400)
     assert ck["rb"]["size"] == 300  # one transition per step, the end of Pendulum's first episode included
 
     resumed = qsm.main(qsm.Args(resume=f"{straight['run_dir']}/at300.pt", total_timesteps=5))  # flags from the checkpoint
     assert "ignoring total_timesteps" in capsys.readouterr().err
-    assert resumed["run_dir"] == straight["run_dir"] and resumed["num_updates"] == 400
+    assert resumed["run_dir"] == straight["run_dir"] and resumed["num_updates"] == 800
     assert torch.equal(flat_params(resumed["denoiser"], resumed["qf"]), flat_params(straight["denoiser"], straight["qf"]))
     for tag, curve in before.items():  # the steps after 300 were logged twice; the resumed writer purged the first
         assert scalars(straight["run_dir"], tag) == curve, tag
@@ -557,7 +557,7 @@ def test_resume_mujoco_starts_new_episodes(tmp_path, monkeypatch):
     ck = torch.load(f"{straight['run_dir']}/at200.pt", weights_only=True)
     assert ck["envs"] is None and ck["global_step"] == 200
     resumed = qsm.main(qsm.Args(resume=f"{straight['run_dir']}/at200.pt"))
-    assert resumed["global_step"] == 400 and resumed["num_updates"] == straight["num_updates"] == 300
+    assert resumed["global_step"] == 400 and resumed["num_updates"] == straight["num_updates"] == 600
     a, b, n = straight["rb"], resumed["rb"], ck["rb"]["size"]
     assert np.array_equal(a.obs[:n], b.obs[:n]) and np.array_equal(a.actions[:n], b.actions[:n])
     reset_obs = gym.make("Hopper-v4").reset(seed=1 + 200)[0].astype(np.float32)  # seed + step
@@ -605,7 +605,7 @@ def test_broken_env_stops_in_one_line_before_the_replay_buffer(field, tmp_path, 
     assert ck["global_step"] == 200 and all(torch.isfinite(ck["rb"][k]).all() for k in qsm.ReplayBuffer.FIELDS)
     monkeypatch.setattr(BrokenEnv, "broken_after", 10**9)  # the env repaired: the good checkpoint resumes to the end
     out = qsm.main(qsm.Args(resume=path))
-    assert out["global_step"] == 400 and out["num_updates"] == 300 and np.isfinite(out["rb"].rewards).all()
+    assert out["global_step"] == 400 and out["num_updates"] == 600 and np.isfinite(out["rb"].rewards).all()
 
 
 def test_a_broken_env_in_evaluation_and_a_full_disk_are_one_line_each(tmp_path, monkeypatch):
@@ -847,8 +847,8 @@ def test_signal_saves_a_checkpoint_and_flushes_the_log(tmp_path):
         run_dir = glob.glob(str(tmp_path / str(i) / "runs/*"))[0]
         ck = torch.load(f"{run_dir}/checkpoint.pt", weights_only=True)
         step = ck["global_step"]
-        # mid-run, an update per step after learning_starts, and the buffer holds every step
-        assert step >= 60 and ck["num_updates"] == max(0, step - learning_starts) and ck["rb"]["size"] == step, step
+        # mid-run, two updates per step after learning_starts, and the buffer holds every step
+        assert step >= 60 and ck["num_updates"] == 2 * max(0, step - learning_starts) and ck["rb"]["size"] == step, step
         logged = [s for s, _ in scalars(run_dir, "charts/SPS")]
         assert logged[0] == 10 and step - 10 < logged[-1] <= step, (step, logged)  # the writer was flushed up to the stop
 
@@ -861,7 +861,7 @@ def test_signal_during_evaluation_stops_it_within_seconds(tmp_path):
     assert stop_and_time(p, signal.SIGTERM) < 5 and p.returncode == 128 + signal.SIGTERM, "".join(err)[-2000:]
     run_dir = glob.glob(str(tmp_path / "runs/*"))[0]
     ck = torch.load(f"{run_dir}/checkpoint.pt", weights_only=True)
-    assert ck["global_step"] == 50 and ck["num_updates"] == 40  # saved at the step the evaluation began
+    assert ck["global_step"] == 50 and ck["num_updates"] == 80  # saved at the step the evaluation began
     assert "eval/episodic_return" not in EventAccumulator(run_dir).Reload().Tags()["scalars"]  # a cut one: not logged
 
 
@@ -883,7 +883,7 @@ def test_dm_control_task_end_to_end(tmp_path, monkeypatch):
     out = qsm.main(small_args(env_id="dm_control/walker-walk-v0", total_timesteps=1100, learning_starts=1000,
                               eval_freq=1100, eval_episodes=1, checkpoint_freq=1050))
     rb = out["rb"]
-    assert rb.obs.shape[1] == 24 and out["num_updates"] == 100 and rb.size == 1100
+    assert rb.obs.shape[1] == 24 and out["num_updates"] == 200 and rb.size == 1100
     assert rb.terminated.sum() == 0 and np.isfinite(rb.obs).all()  # truncation only: y = r + γ·min Q̄(s', a')
     assert out["run_dir"].startswith("runs/dm_control-walker-walk-v0__qsm__1__")  # the / in the id nests nothing
     assert scalars(out["run_dir"], "charts/episodic_length") == [(1000, 1000)]
@@ -892,4 +892,4 @@ def test_dm_control_task_end_to_end(tmp_path, monkeypatch):
     (step, eval_ret), = scalars(out["run_dir"], "eval/episodic_return")
     assert step == 1100 and 0 <= eval_ret <= 1000
     resumed = qsm.main(qsm.Args(resume=f"{out['run_dir']}/at1050.pt"))
-    assert resumed["global_step"] == 1100 and resumed["num_updates"] == 100 and resumed["run_dir"] == out["run_dir"]
+    assert resumed["global_step"] == 1100 and resumed["num_updates"] == 200 and resumed["run_dir"] == out["run_dir"]

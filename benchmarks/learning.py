@@ -236,18 +236,21 @@ def launch(runs: list[tuple[str, str, int]], o) -> list[str]:
 
 # --- scores, table, pictures and the aggregate --------------------------------------------------------------------
 def load(names: list[str], env: str, o, notes: list[str]) -> dict:
-    """{name: {seed: (steps, returns)}} from the finished runs of the asked budget; every CSV left out gets a note."""
+    """{name: {seed: (steps, returns)}} from the finished runs of the asked seeds and budget; every CSV of an asked
+    seed left out gets a note."""
     curves = {}
     for n in names:
         for path in sorted(Path(o.results).glob(f"{glob.escape(n)}_{glob.escape(slug(env))}_seed*.csv")):
+            seed = path.stem.rsplit("_seed", 1)[1]
+            if not seed.isdigit() or int(seed) not in o.seeds:
+                continue
             try:
                 rows = list(csv.DictReader(open(path)))
                 if not rows or int(rows[0]["budget"]) != o.steps:
                     notes.append(f"{path.name}: {'holds no episode' if not rows else 'a run of ' + rows[0]['budget'] + ' steps'}")
                     continue
-                seed = int(path.stem.rsplit("_seed", 1)[1])
-                curves.setdefault(n, {})[seed] = (np.array([int(r["step"]) for r in rows]),
-                                                  np.array([float(r["return"]) for r in rows]))
+                curves.setdefault(n, {})[int(seed)] = (np.array([int(r["step"]) for r in rows]),
+                                                       np.array([float(r["return"]) for r in rows]))
             except (OSError, KeyError, TypeError, ValueError, IndexError, csv.Error) as e:
                 notes.append(f"{path.name}: unreadable ({type(e).__name__}: {e})")
     return curves

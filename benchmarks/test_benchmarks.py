@@ -8,6 +8,7 @@ import glob
 import importlib.util
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,9 +26,9 @@ TINY = "--learning-starts 100 --batch-size 32 --actor-hidden-dims 32 32 --critic
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
-def bench(script: str, *args: str, rc: int = 0) -> subprocess.CompletedProcess:
+def bench(script: str, *args: str, rc: int = 0, cwd=None) -> subprocess.CompletedProcess:
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
-                       timeout=300, env=ENV)
+                       timeout=300, env=ENV, cwd=cwd)
     assert p.returncode == rc, p.stdout[-2000:] + p.stderr[-3000:]
     return p
 
@@ -103,6 +104,9 @@ def test_grid_runs_every_arm_once_skips_finished_runs_and_reads_only_whole_csvs_
         assert f"left out: sac_Pendulum-v1_seed{seed}.csv: {why}" in table, table
     assert "sac_Pendulum-v1_seed4.csv: unreadable (TypeError" in table or "seed4.csv: unreadable (ValueError" in table
     assert "| Pendulum-v1 | 0.4k | " in table and "(n=1)" in table
+    shutil.copy(res / "sac_Pendulum-v1_seed1.csv", res / "sac_Pendulum-v1_seed6.csv")  # a whole run of a seed not asked
+    only = script("learning.py", *grid_flags(tmp_path, "sac"), "--plot-only").stdout  # --seeds 1
+    assert "left out" not in only and "| Pendulum-v1 | 0.4k | " in only and "(n=1)" in only, only
 
     p = script("learning.py", *grid_flags(tmp_path, "sac"), "--jobs", "0", rc=2)
     assert p.stderr.strip().splitlines()[-1].endswith("--jobs must be ≥ 1 (got 0)")
@@ -248,7 +252,7 @@ def test_speed_times_the_update(tmp_path):
 
 def test_step_time_splits_a_learning_step(tmp_path):
     out = bench("step_time.py", "--env-id", "Pendulum-v1", "--steps", "200", "--learning-starts", "100", "--width",
-                "32", "--no-compile").stdout
+                "32", "--no-compile", cwd=tmp_path).stdout  # its run folder: runs/ under tmp_path, not the checkout
     ms = {line[:34].strip(): float(line.split()[-5]) for line in out.splitlines()[1:-1]}
     assert {"update", "act", "env step", "buffer sample", "check_metrics"} <= ms.keys(), out
     assert ms["update"] > ms["buffer sample"] > 0, out  # a 32-wide update still costs more than sampling a batch
