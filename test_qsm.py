@@ -489,7 +489,7 @@ def test_learns_pendulum(tmp_path, monkeypatch):
     out = qsm.main(args)
     cpu = torch.device("cpu")
     returns = qsm.evaluate(out["denoiser"], qsm.Schedule(args.diffusion_steps, cpu), args, cpu, qsm.Stop())
-    # after 2000 updates (two per step) the final policy swings the pendulum up and holds it: ≈ -150 per episode (random ≈ -1200)
+    # after 2000 updates (two per step) the policy swings the pendulum up and holds it: -161 to -240 on seeds 1-3 (random ≈ -1200)
     assert len(returns) == 10 and np.mean(returns) >= -500, returns
 
 
