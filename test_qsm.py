@@ -688,7 +688,8 @@ def test_a_checkpoint_of_another_qsm_version_says_what_differs(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("kw, message", [  # the first update after learning_starts sends a network to NaN:
-    (dict(actor_lr=1e30), "non-finite action from the policy at step 202;"),  # stopped before the env gets it
+    (dict(actor_lr=1e30, utd_ratio=1), "non-finite action from the policy at step 202;"),  # before the env gets it
+    (dict(actor_lr=1e30), "non-finite losses/qf1_loss = nan"),  # UTD 2: the second update's a' is already NaN
     (dict(critic_lr=1e30), "non-finite losses/actor_loss = nan"),  # its ∇ₐQ: stopped in the same update
 ])
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(kw, message, tmp_path, monkeypatch):
