@@ -240,17 +240,17 @@ def load(names: list[str], env: str, o, notes: list[str]) -> dict:
     seed left out gets a note."""
     curves = {}
     for n in names:
-        for path in sorted(Path(o.results).glob(f"{glob.escape(n)}_{glob.escape(slug(env))}_seed*.csv")):
-            seed = path.stem.rsplit("_seed", 1)[1]
-            if not seed.isdigit() or int(seed) not in o.seeds:
-                continue
+        for seed in o.seeds:
+            path = Path(o.results) / f"{n}_{slug(env)}_seed{seed}.csv"  # as run_id names it
+            if not path.exists():
+                continue  # the caller notes the missing seeds
             try:
                 rows = list(csv.DictReader(open(path)))
                 if not rows or int(rows[0]["budget"]) != o.steps:
                     notes.append(f"{path.name}: {'holds no episode' if not rows else 'a run of ' + rows[0]['budget'] + ' steps'}")
                     continue
-                curves.setdefault(n, {})[int(seed)] = (np.array([int(r["step"]) for r in rows]),
-                                                       np.array([float(r["return"]) for r in rows]))
+                curves.setdefault(n, {})[seed] = (np.array([int(r["step"]) for r in rows]),
+                                                  np.array([float(r["return"]) for r in rows]))
             except (OSError, KeyError, TypeError, ValueError, IndexError, csv.Error) as e:
                 notes.append(f"{path.name}: unreadable ({type(e).__name__}: {e})")
     return curves
