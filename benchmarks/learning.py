@@ -84,18 +84,18 @@ def slug(env: str) -> str:  # the env id in file names, as qsm.py writes it in r
     return env.replace("/", "-")
 
 
-def run_id(algo: str, env: str, seed: int, o) -> str:  # names the run's CSV and log
-    return f"{name(algo, o)}_{slug(env)}_seed{seed}"
+def run_id(arm: str, env: str, seed: int) -> str:  # names the run's CSV and log; arm = name(algo, o)
+    return f"{arm}_{slug(env)}_seed{seed}"
 
 
-def csv_path(algo: str, env: str, seed: int, o) -> Path:
-    return Path(o.results) / f"{run_id(algo, env, seed, o)}.csv"
+def csv_path(arm: str, env: str, seed: int, o) -> Path:
+    return Path(o.results) / f"{run_id(arm, env, seed)}.csv"
 
 
 def run_dir(algo: str, env: str, seed: int, o) -> Path:
     """The run's folder: named by everything that defines the run (flags by a digest), so nothing else resumes it."""
     flags = f"{o.qsm} {o.extra}" if algo == "qsm" else o.baseline_extra
-    return Path(o.runs) / f"{run_id(algo, env, seed, o)}_{o.steps}_{hashlib.sha1(flags.encode()).hexdigest()[:8]}"
+    return Path(o.runs) / f"{run_id(name(algo, o), env, seed)}_{o.steps}_{hashlib.sha1(flags.encode()).hexdigest()[:8]}"
 
 
 def qsm_run_dirs(folder: Path, o, finished=False) -> list[str]:
@@ -107,7 +107,7 @@ def command(algo: str, env: str, seed: int, folder: Path, o) -> list[str]:
     """The command that starts, or continues, one run (it runs in its folder)."""
     if algo != "qsm":
         return [sys.executable, str(ROOT / "benchmarks" / "baselines.py"), "--algo", algo, "--env-id", env, "--seed",
-                str(seed), "--steps", str(o.steps), "--out", str(csv_path(algo, env, seed, o)), "--workdir",
+                str(seed), "--steps", str(o.steps), "--out", str(csv_path(name(algo, o), env, seed, o)), "--workdir",
                 str(folder), "--checkpoint-freq", str(o.checkpoint_freq), *o.baseline_extra.split()]
     ckpts = [f"{d}/checkpoint.pt" for d in qsm_run_dirs(folder, o) if os.path.exists(f"{d}/checkpoint.pt")]
     if ckpts:
@@ -139,7 +139,7 @@ def budget_of(path: Path):
 
 def run_one(algo: str, env: str, seed: int, o, started=None) -> str:
     """started(proc): called with the run's process (submitit jobs stop it through this)."""
-    out = csv_path(algo, env, seed, o)
+    out = csv_path(name(algo, o), env, seed, o)
     if out.exists():
         b = budget_of(out)
         return f"skip {out.name} (done)" if b == o.steps else \
@@ -152,7 +152,7 @@ def run_one(algo: str, env: str, seed: int, o, started=None) -> str:
         if RUNNER.stopping:
             return f"not started {out.stem} (stopped)"
         cmd = command(algo, env, seed, folder, o)
-        log = Path(o.runs) / f"{run_id(algo, env, seed, o)}.log"
+        log = Path(o.runs) / f"{run_id(name(algo, o), env, seed)}.log"
         env_vars = dict(os.environ, OMP_NUM_THREADS=str(o.threads), MKL_NUM_THREADS=str(o.threads))
         with open(log, "a") as f:
             f.write(" ".join(cmd) + "\n")
@@ -241,7 +241,7 @@ def load(names: list[str], env: str, o, notes: list[str]) -> dict:
     curves = {}
     for n in names:
         for seed in o.seeds:
-            path = Path(o.results) / f"{n}_{slug(env)}_seed{seed}.csv"  # as run_id names it
+            path = csv_path(n, env, seed, o)
             if not path.exists():
                 continue  # the caller notes the missing seeds
             try:
