@@ -60,8 +60,11 @@ gym.register("QsmImageObs-v0", entry_point=lambda: BadEnv(
 
 
 def small_args(**kw) -> qsm.Args:
+    """Small runs for the tests of the machinery. T = 5 halves the sampler's cost and only shortens its loop; the
+    learning and sampler tests run the default T."""
     base = dict(env_id="Pendulum-v1", total_timesteps=300, learning_starts=100, batch_size=32, buffer_size=10_000,
-                actor_hidden_dims=(32, 32), critic_hidden_dims=(32, 32), eval_freq=0, log_freq=50, cuda=False, compile=False)
+                diffusion_steps=5, actor_hidden_dims=(32, 32), critic_hidden_dims=(32, 32), eval_freq=0, log_freq=50,
+                cuda=False, compile=False)
     base.update(kw)
     return qsm.Args(**base)
 

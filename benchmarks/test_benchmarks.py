@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT))
 import qsm  # noqa: E402
 from test_qsm import small_args, wait_for  # noqa: E402
 
-TINY = "--learning-starts 100 --batch-size 32 --actor-hidden-dims 32 32 --critic-hidden-dims 32 32 --no-compile"
+TINY = ("--learning-starts 100 --batch-size 32 --actor-hidden-dims 32 32 --critic-hidden-dims 32 32 --diffusion-steps 5 "
+        "--no-compile")
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
