@@ -152,7 +152,7 @@ def run_one(algo: str, env: str, seed: int, o, started=None) -> str:
         if RUNNER.stopping:
             return f"not started {out.stem} (stopped)"
         cmd = command(algo, env, seed, folder, o)
-        log = Path(o.runs) / f"{run_id(name(algo, o), env, seed)}.log"
+        log = Path(o.runs) / f"{out.stem}.log"  # out.stem is the run_id
         env_vars = dict(os.environ, OMP_NUM_THREADS=str(o.threads), MKL_NUM_THREADS=str(o.threads))
         with open(log, "a") as f:
             f.write(" ".join(cmd) + "\n")
