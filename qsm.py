@@ -71,6 +71,8 @@ class Args:
     """number of DDPM steps, T in the paper and the official code (official: 5)"""
     q_grad_scale: float = 3.0
     """M_q: ε_θ is regressed onto -M_q·∇ₐQ/ρ ("M_q" in the official code, α in Alg. 1 of the paper)"""
+    obs_norm: bool = False
+    """normalise observations by their running mean and std at the input of the denoiser and critics (SimBa's RSNorm)"""
     normalize_q_grad: bool = True
     """ρ = RMS of ∇ₐQ over batch and action coordinates (M_q dimensionless); off: ρ = 1, the paper's (M_q = 50)"""
     ddpm_temperature: float = 1.0
@@ -141,17 +143,41 @@ class FourierFeatures(nn.Module):
         return torch.cat([f.cos(), f.sin()], dim=-1)
 
 
+class ObsNorm(nn.Module):
+    """s ↦ (s - μ)/√(σ² + 1e-8), μ and σ² over every observation seen so far (Lee et al. 2025, SimBa's RSNorm).
+    One instance is shared by the denoiser and the critics, so each checkpointed network carries the statistics."""
+
+    def __init__(self, obs_dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(obs_dim))
+        self.register_buffer("var", torch.ones(obs_dim))
+        self.register_buffer("count", torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, obs: np.ndarray):  # merge a batch of observations into the running moments (Chan et al. 1979)
+        x = torch.as_tensor(obs, dtype=torch.float32, device=self.mean.device)
+        n, total, delta = x.shape[0], self.count + x.shape[0], x.mean(0) - self.mean
+        self.var.copy_((self.var * self.count + x.var(0, correction=0) * n + delta**2 * self.count * n / total) / total)
+        self.mean.add_(delta * n / total)
+        self.count.copy_(total)
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        return (s - self.mean) / (self.var + 1e-8).sqrt()
+
+
 class Denoiser(nn.Module):
     """ε_θ(s, aₜ, t): the noise in aₜ, from [aₜ, s, time embedding] as in the official code (Mish: part two)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: tuple[int, ...], time_dim: int):
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: tuple[int, ...], time_dim: int,
+                 obs_norm: Optional[ObsNorm] = None):
         super().__init__()
+        self.obs_norm = obs_norm or nn.Identity()
         self.time_embed = nn.Sequential(FourierFeatures(time_dim), mlp(time_dim, (128,), 128, Mish))
         self.net = mlp(act_dim + obs_dim + 128, hidden_dims, act_dim, Mish)
 
     def forward(self, s: torch.Tensor, a_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """t: (B,) steps, or (1,) when the whole batch shares one step (then it is embedded once)."""
-        return self.net(torch.cat([a_t, s, self.time_embed(t).expand(a_t.shape[0], -1)], dim=-1))
+        return self.net(torch.cat([a_t, self.obs_norm(s), self.time_embed(t).expand(a_t.shape[0], -1)], dim=-1))
 
 
 class EnsembleLinear(nn.Module):
@@ -170,15 +196,17 @@ class EnsembleLinear(nn.Module):
 class TwinQ(nn.Module):
     """Q_φ1(s, a), Q_φ2(s, a) as one network with an ensemble dimension; forward returns (2, B)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: tuple[int, ...], num: int = 2, norm: str = "none"):
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: tuple[int, ...], num: int = 2, norm: str = "none",
+                 obs_norm: Optional[ObsNorm] = None):
         super().__init__()
+        self.obs_norm = obs_norm or nn.Identity()
         dims = (obs_dim + act_dim, *hidden_dims)
         self.hidden = nn.ModuleList(EnsembleLinear(num, i, o) for i, o in zip(dims[:-1], dims[1:]))
         self.out = EnsembleLinear(num, dims[-1], 1)
         self.num, self.layer_norm = num, norm == "layer"
 
     def forward(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([s, a], dim=-1).expand(self.num, -1, -1)
+        x = torch.cat([self.obs_norm(s), a], dim=-1).expand(self.num, -1, -1)
         for layer in self.hidden:
             x = layer(x)
             x = F.relu(F.layer_norm(x, x.shape[-1:]) if self.layer_norm else x)
@@ -296,9 +324,10 @@ def train(args: Args, stop: "Stop") -> dict:
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
 
     sched = Schedule(args.diffusion_steps, device)
-    denoiser = Denoiser(obs_dim, act_dim, args.actor_hidden_dims, args.time_dim).to(device)  # ε_θ
-    qf = TwinQ(obs_dim, act_dim, args.critic_hidden_dims, norm=args.critic_norm).to(device)  # Q_φ1, Q_φ2
-    qf_target = TwinQ(obs_dim, act_dim, args.critic_hidden_dims, norm=args.critic_norm).to(device)  # Q̄
+    obs_norm = ObsNorm(obs_dim).to(device) if args.obs_norm else None
+    denoiser = Denoiser(obs_dim, act_dim, args.actor_hidden_dims, args.time_dim, obs_norm).to(device)  # ε_θ
+    critic = functools.partial(TwinQ, obs_dim, act_dim, args.critic_hidden_dims, norm=args.critic_norm, obs_norm=obs_norm)
+    qf, qf_target = critic().to(device), critic().to(device)  # Q_φ1, Q_φ2 and the targets Q̄
     qf_target.load_state_dict(qf.state_dict())
     if args.eval_only:  # the policy of a saved run
         restore(dict(denoiser=denoiser), setup.saved_policy, args.eval_only)
@@ -342,6 +371,8 @@ def train(args: Args, stop: "Stop") -> dict:
             check_finite(args.env_id, step + 1, run.last_good, reward=rewards, observation=real_next_obs,
                          reset_observation=next_obs)
             rb.add(obs, real_next_obs, actions, rewards, terminations)  # truncated is not terminated: it bootstraps
+            if args.obs_norm:  # the running moments of s (SimBa)
+                obs_norm.update(obs)
             obs, step = next_obs, step + args.num_envs
             run.pbar.update(args.num_envs)
             for i in np.flatnonzero(infos.get("_episode", [])):

@@ -111,6 +111,46 @@ def test_layer_norm_critic():
     assert not torch.allclose(plain(s, a), q, rtol=1e-2)
 
 
+def test_obs_norm_keeps_the_running_moments_and_compiled_code_reads_them(monkeypatch):
+    """--obs-norm: the moments of every observation merged so far, in batches of any size (one per env step with one
+    env), as numpy's over all of them to float32 precision; a compiled critic reads the statistics as they are now,
+    not as they were when it was traced."""
+    monkeypatch.setattr(torch._inductor.config.cpp, "vec_isa_ok", False)  # scalar kernels: a shorter compile
+    rng = np.random.default_rng(0)
+    chunks = [rng.normal(loc=[0.0, 5.0, -300.0], scale=[0.1, 2.0, 40.0], size=(n, 3)) for n in (1, 1, 7, 300, 1)]
+    norm = qsm.ObsNorm(3)
+    for c in chunks:
+        norm.update(c)
+    seen = np.concatenate(chunks)
+    np.testing.assert_allclose(norm.mean.numpy(), seen.mean(0), rtol=1e-4)
+    np.testing.assert_allclose(norm.var.numpy(), seen.var(0), rtol=1e-3)
+    z = norm(torch.as_tensor(seen, dtype=torch.float32))
+    np.testing.assert_allclose(z.mean(0).numpy(), 0, atol=1e-3)
+    np.testing.assert_allclose(z.std(0, correction=0).numpy(), 1, atol=1e-3)
+
+    torch.manual_seed(0)
+    qf = qsm.TwinQ(3, 1, (16,), norm="layer", obs_norm=norm)
+    s, a = torch.as_tensor(seen[:8], dtype=torch.float32), torch.zeros(8, 1)
+    compiled = torch.compile(qf)
+    torch.testing.assert_close(compiled(s, a), qf(s, a))
+    before = qf(s, a)
+    norm.update(rng.normal(loc=[1.0, 50.0, 0.0], size=(100, 3)))  # the statistics move: so must Q
+    assert not torch.allclose(qf(s, a), before, atol=1e-3)
+    torch.testing.assert_close(compiled(s, a), qf(s, a))
+
+
+def test_obs_norm_run_shares_one_normaliser_and_saves_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = qsm.main(small_args(obs_norm=True, total_timesteps=200, learning_starts=100))
+    norm, rb = out["denoiser"].obs_norm, out["rb"]
+    assert out["qf"].obs_norm is norm and out["qf_target"].obs_norm is norm  # one set of statistics for all three
+    assert norm.count.item() == 200 and out["num_updates"] == 200
+    np.testing.assert_allclose(norm.mean.numpy(), rb.obs[:200].mean(0), rtol=1e-4, atol=1e-5)  # the stored states
+    saved = torch.load(f"{out['run_dir']}/checkpoint.pt", weights_only=True)
+    for net in ("denoiser", "qf", "qf_target"):
+        assert torch.equal(saved[net]["obs_norm.mean"], norm.mean) and torch.equal(saved[net]["obs_norm.var"], norm.var)
+
+
 def test_our_mish_is_torchs():
     x = torch.linspace(-30, 30, 100_001)
     torch.testing.assert_close(qsm.Mish()(x), nn.Mish()(x), rtol=1e-6, atol=1e-6)
@@ -301,7 +341,8 @@ def test_critic_target_cuts_bootstrap_only_on_terminated():
 
 # --- the compiled update is the eager update, and as deterministic -----------------------------------------------
 def test_compiled_update_matches_eager_and_repeats_bit_for_bit(monkeypatch):
-    """The one test that compiles in this process (the other tests run eager: a cold compile costs about a minute)."""
+    """One of the two tests that compile in this process (the others run eager: a cold compile of the update costs
+    about a minute)."""
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # compiled code draws torch's own RNG
     # scalar C++ kernels: the same graphs without SIMD, and a cold compile about 30% shorter
     monkeypatch.setattr(torch._inductor.config.cpp, "vec_isa_ok", False)
