@@ -71,6 +71,8 @@ class Args:
     """number of DDPM steps, T in the paper and the official code (official: 5)"""
     q_grad_scale: float = 3.0
     """M_q: ε_θ is regressed onto -M_q·∇ₐQ/ρ ("M_q" in the official code, α in Alg. 1 of the paper)"""
+    pessimism: float = 1.0
+    """β: y uses mean(Q̄) − β·|Q̄₁ − Q̄₂|/2 (BRO's form): 1 = the min of clipped double Q (official), 0 = the mean"""
     obs_norm: bool = False
     """normalise observations by their running mean and std at the input of the denoiser and critics (SimBa's RSNorm)"""
     normalize_q_grad: bool = True
@@ -266,8 +268,9 @@ def critic_loss(qf, qf_target, denoiser, sched, batch, args: Args):
         at_bounds = (next_a.abs() >= 1).float().mean()  # a saturated sampler puts most coordinates at ±1
         next_a = (next_a + args.target_noise * torch.randn_like(next_a)).clamp(-1, 1)
     q, next_q = qf(batch["obs"], batch["actions"]), qf_target(batch["next_obs"], next_a)  # Q, Q̄: (2, B)
-    with torch.no_grad():  # y = r + γ(1 - terminated)·min_i Q̄_i(s', a'): only `terminated` cuts the bootstrap
-        y = batch["rewards"] + args.gamma * (1 - batch["terminated"]) * next_q.min(0).values
+    with torch.no_grad():  # y = r + γ(1 - terminated)·min_i Q̄_i(s', a') at β = 1: only `terminated` cuts the bootstrap
+        next_v = torch.lerp(next_q.mean(0), next_q.min(0).values, args.pessimism)  # mean − β·|Q̄₁−Q̄₂|/2, exact at 0, 1
+        y = batch["rewards"] + args.gamma * (1 - batch["terminated"]) * next_v
     per_q = ((q - y) ** 2).mean(1)
     return per_q.sum(), {"losses/qf1_loss": per_q[0].detach(), "losses/qf2_loss": per_q[1].detach(),
                          "losses/qf1_values": q[0].mean().detach(), "policy/next_action_at_bounds": at_bounds}

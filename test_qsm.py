@@ -339,6 +339,16 @@ def test_critic_target_cuts_bootstrap_only_on_terminated():
     assert info["losses/qf1_loss"].item() == pytest.approx((10.0**2 + 1.0**2) / 2)
 
 
+def test_pessimism_moves_the_target_from_the_min_to_the_mean_of_the_twin_critics():
+    sched, den = qsm.Schedule(5, torch.device("cpu")), qsm.Denoiser(3, 1, (8,), 8)
+    twin = lambda c1, c2: lambda s, a: torch.stack([torch.full((s.shape[0],), c1), torch.full((s.shape[0],), c2)])
+    batch = {"obs": torch.zeros(2, 3), "next_obs": torch.zeros(2, 3), "actions": torch.zeros(2, 1),
+             "rewards": torch.zeros(2), "terminated": torch.zeros(2)}
+    for beta, v in ((1.0, 6.0), (0.5, 7.0), (0.0, 8.0)):  # Q̄₁ ≡ 6, Q̄₂ ≡ 10: min 6, mean 8; Q ≡ 0, so loss = (γ·v)²
+        _, info = qsm.critic_loss(twin(0.0, 0.0), twin(6.0, 10.0), den, sched, batch, qsm.Args(gamma=1.0, pessimism=beta))
+        assert info["losses/qf2_loss"].item() == v**2
+
+
 # --- the compiled update is the eager update, and as deterministic -----------------------------------------------
 def test_compiled_update_matches_eager_and_repeats_bit_for_bit(monkeypatch):
     """One of the two tests that compile in this process (the others run eager: a cold compile of the update costs
