@@ -444,7 +444,7 @@ def prepare(args: Args) -> Setup:
             fail(f"{path} was made for {made_for[0]} (obs {made_for[1]}, act {made_for[2]}), not {args.env_id} (obs "
                  f"{obs_dim}, act {act_dim}); pass --env-id {made_for[0]}")
     if saved:  # the architecture comes from the checkpoint
-        for k in ("actor_hidden_dims", "critic_hidden_dims", "critic_norm", "time_dim", "diffusion_steps"):
+        for k in ("actor_hidden_dims", "critic_hidden_dims", "critic_norm", "obs_norm", "time_dim", "diffusion_steps"):
             setattr(args, k, saved["args"].get(k, getattr(Args, k)))
     return Setup(args, obs_dim, act_dim, resume, saved)
 

@@ -149,6 +149,10 @@ def test_obs_norm_run_shares_one_normaliser_and_saves_it(tmp_path, monkeypatch):
     saved = torch.load(f"{out['run_dir']}/checkpoint.pt", weights_only=True)
     for net in ("denoiser", "qf", "qf_target"):
         assert torch.equal(saved[net]["obs_norm.mean"], norm.mean) and torch.equal(saved[net]["obs_norm.var"], norm.var)
+    # --eval-only builds the policy with the checkpoint's normaliser, whatever the flag says
+    ev = qsm.main(qsm.Args(env_id="Pendulum-v1", eval_only=f"{out['run_dir']}/checkpoint.pt", obs_norm=False,
+                           eval_episodes=1, cuda=False, compile=False))
+    assert len(ev["eval_returns"]) == 1
 
 
 def test_our_mish_is_torchs():
