@@ -73,8 +73,8 @@ class Args:
     """M_q: ε_θ is regressed onto -M_q·∇ₐQ/ρ ("M_q" in the official code, α in Alg. 1 of the paper)"""
     pessimism: float = 1.0
     """β: y uses mean(Q̄) − β·|Q̄₁ − Q̄₂|/2 (BRO's form): 1 = the min of clipped double Q (official), 0 = the mean"""
-    obs_norm: bool = False
-    """normalise observations by their running mean and std at the input of the denoiser and critics (SimBa's RSNorm)"""
+    obs_norm: bool = True
+    """normalise s by its running mean and std at the input of the denoiser and critics (SimBa's RSNorm; official: off)"""
     normalize_q_grad: bool = True
     """ρ = RMS of ∇ₐQ over batch and action coordinates (M_q dimensionless); off: ρ = 1, the paper's (M_q = 50)"""
     ddpm_temperature: float = 1.0

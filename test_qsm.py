@@ -541,13 +541,14 @@ def test_cli_bad_input_is_one_line(tmp_path, monkeypatch):
 # --- learning ----------------------------------------------------------------------------------------------------
 def test_learns_pendulum(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = qsm.Args(env_id="Pendulum-v1", seed=1, total_timesteps=2000, learning_starts=1000, actor_hidden_dims=(64, 64),
+    args = qsm.Args(env_id="Pendulum-v1", seed=1, total_timesteps=3000, learning_starts=1000, actor_hidden_dims=(64, 64),
                     critic_hidden_dims=(64, 64), eval_freq=0, eval_episodes=10, cuda=False,
                     compile=False)  # eager: the compiled update is the same (test_compiled_update_matches_eager_…)
     out = qsm.main(args)
     cpu = torch.device("cpu")
     returns = qsm.evaluate(out["denoiser"], qsm.Schedule(args.diffusion_steps, cpu), args, cpu, qsm.Stop())
-    # after 2000 updates (two per step) the policy swings the pendulum up and holds it: -161 to -240 on seeds 1-3 (random ≈ -1200)
+    # after 4000 updates (two per step) the policy swings the pendulum up and holds it: -157 to -197 on seeds 1-5
+    # (random ≈ -1200); 1000 steps fewer, the moving moments of --obs-norm still cost it (benchmarks/README.md, item 8)
     assert len(returns) == 10 and np.mean(returns) >= -500, returns
 
 

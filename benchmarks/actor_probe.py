@@ -24,7 +24,7 @@ import qsm  # noqa: E402
 def train_actor(qf, rb, obs_dim, act_dim, T, mq, p, updates, seed, hidden, flags=()):
     torch.manual_seed(seed)
     sched = qsm.Schedule(T, torch.device("cpu"))
-    den = qsm.Denoiser(obs_dim, act_dim, hidden, 64)
+    den = qsm.Denoiser(obs_dim, act_dim, hidden, 64, qf.obs_norm if isinstance(qf.obs_norm, qsm.ObsNorm) else None)
     opt = torch.optim.Adam(den.parameters(), lr=3e-4)
     sig = (1 - sched.alpha_bars).sqrt() ** p
     g = torch.Generator().manual_seed(seed)
@@ -96,7 +96,8 @@ def main():
     c = qsm.load_checkpoint(f"{o.run}/checkpoint.pt", training=True)
     a = qsm.Args(**{k: v for k, v in c["args"].items() if k in qsm.Args.__dataclass_fields__})
     obs_dim, act_dim = c["dims"]
-    qf = qsm.TwinQ(obs_dim, act_dim, a.critic_hidden_dims, norm=a.critic_norm).eval()
+    norm = qsm.ObsNorm(obs_dim) if c["args"].get("obs_norm") else None  # runs before commit 847ce2c have none
+    qf = qsm.TwinQ(obs_dim, act_dim, a.critic_hidden_dims, norm=a.critic_norm, obs_norm=norm).eval()
     qsm.restore(dict(qf=qf), c, o.run)
     for prm in qf.parameters():
         prm.requires_grad_(False)

@@ -29,8 +29,9 @@ def main():
         c = qsm.load_checkpoint(f"{run}/checkpoint.pt", training=True)
         a = qsm.Args(**{k: v for k, v in c["args"].items() if k in qsm.Args.__dataclass_fields__})
         (obs_dim, act_dim), n = c["dims"], o.samples
-        den = qsm.Denoiser(obs_dim, act_dim, a.actor_hidden_dims, a.time_dim)
-        qf = qsm.TwinQ(obs_dim, act_dim, a.critic_hidden_dims, norm=a.critic_norm).eval()
+        norm = qsm.ObsNorm(obs_dim) if c["args"].get("obs_norm") else None  # runs before commit 847ce2c have none
+        den = qsm.Denoiser(obs_dim, act_dim, a.actor_hidden_dims, a.time_dim, norm)
+        qf = qsm.TwinQ(obs_dim, act_dim, a.critic_hidden_dims, norm=a.critic_norm, obs_norm=norm).eval()
         qsm.restore(dict(denoiser=den, qf=qf), {**c, "denoiser": c.get("policy", c["denoiser"])}, run)
         sched = qsm.Schedule(a.diffusion_steps, torch.device("cpu"))
         s = c["rb"]["obs"][torch.randint(0, c["rb"]["size"], (o.states,))].repeat_interleave(n, 0)
