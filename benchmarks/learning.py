@@ -69,8 +69,8 @@ def name(algo: str, o) -> str:
     return o.tag if algo == "qsm" else algo
 
 
-def label(n: str) -> str:
-    return n.upper() if n in BASELINES else n
+def label(n: str, o) -> str:
+    return o.labels.get(n) or (n.upper() if n in BASELINES else n)
 
 
 def color(n: str, o) -> str:
@@ -285,7 +285,7 @@ def aggregate(per_env: dict, names: list[str], o) -> tuple[list[str], dict]:
              f"| arm | IQM | mean | P(arm > {o.baseline}) |", "|---|---|---|---|"]
     for n in arms:
         p = f"{poi[n]:.2f} [{poi_ci[n][0, 0]:.2f}, {poi_ci[n][1, 0]:.2f}]" if n in poi else "–"
-        lines.append(f"| {label(n)} | {est[n][0]:.2f} [{ci[n][0, 0]:.2f}, {ci[n][1, 0]:.2f}] | {est[n][1]:.2f} "
+        lines.append(f"| {label(n, o)} | {est[n][0]:.2f} [{ci[n][0, 0]:.2f}, {ci[n][1, 0]:.2f}] | {est[n][1]:.2f} "
                      f"[{ci[n][0, 1]:.2f}, {ci[n][1, 1]:.2f}] | {p} |")
     return lines, {n: (est[n], ci[n]) for n in arms}
 
@@ -309,7 +309,7 @@ def summarize(o) -> list[str]:
                 continue
             s = np.array([[score(st, r, b) for b in grid] for st, r in c.values()])
             m, sd = np.nanmean(s, 0), np.nanstd(s, 0)
-            ax.plot(grid, m, color=color(n, o), label=f"{label(n)}, {len(c)} seed{'s' * (len(c) > 1)}")
+            ax.plot(grid, m, color=color(n, o), label=f"{label(n, o)}, {len(c)} seed{'s' * (len(c) > 1)}")
             ax.fill_between(grid, m - sd, m + sd, color=color(n, o), alpha=0.15)
             scores[n] = {b: [score(st, r, b) for st, r in c.values()] for b in (o.steps // 2, o.steps)}
         ax.set(title=env, xlabel="transitions (env steps)", ylabel="training episodic return (last 10 episodes)")
@@ -334,13 +334,13 @@ def summarize(o) -> list[str]:
             ax.errorbar(est[j], y, xerr=[[est[j] - ci[0, j]], [ci[1, j] - est[j]]], fmt="o" if j == 0 else "s",
                         color=color(n, o), capsize=3,
                         label=metric if i == 0 else None)
-    ax.set(yticks=range(len(agg)), yticklabels=[label(n) for n in agg], xlabel=f"score / {o.baseline}'s mean per env",
-           title=f"aggregate over envs × seeds (95% CI)")
+    ax.set(yticks=range(len(agg)), yticklabels=[label(n, o) for n in agg],
+           xlabel=f"score / {o.baseline}'s mean per env", title=f"aggregate over envs × seeds (95% CI)")
     ax.axvline(1.0, color="gray", lw=0.8, ls="--")
     ax.grid(alpha=0.3)
     if agg:
         ax.legend(loc="lower right", fontsize=8)
-    fig.suptitle(f"{', '.join(label(n) for n in names)}: mean ± std over seeds, {o.threads} torch thread per run")
+    fig.suptitle(f"{', '.join(label(n, o) for n in names)}: mean ± std over seeds, {o.threads} torch thread per run")
     fig.tight_layout()
     fig.savefig(o.picture or ROOT / "benchmarks" / f"{o.tag}_curves.png", dpi=100)
     lines = rows + [""] + per_seed + [""] + agg_lines + ([""] + [f"left out: {n}" for n in notes] if notes else [])
@@ -374,6 +374,8 @@ def options(argv=None) -> argparse.Namespace:
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="folder of the CSVs")
     p.add_argument("--runs", default=str(ROOT / "benchmarks" / ".runs"), help="folder of the runs (not committed)")
     p.add_argument("--picture", default=None, help="the PNG to draw (default: benchmarks/{tag}_curves.png)")
+    p.add_argument("--labels", nargs="*", default=[], metavar="ARM=NAME",
+                   help="names of arms in the picture and the aggregate, e.g. cand_utd2_on=defaults")
     p.add_argument("--plot-only", action="store_true")
     p.add_argument("--no-plot", action="store_true", help="only run")
     o = p.parse_args(argv)
@@ -381,6 +383,9 @@ def options(argv=None) -> argparse.Namespace:
                              ("--checkpoint-freq", o.checkpoint_freq, 0), ("--reps", o.reps, 1)):
         if value < low:
             p.error(f"{flag} must be ≥ {low} (got {value})")
+    if bad := [x for x in o.labels if "=" not in x]:
+        p.error(f"--labels takes ARM=NAME (got {', '.join(bad)})")
+    o.labels = dict(x.split("=", 1) for x in o.labels)
     if os.sep in o.tag or not o.tag:
         p.error(f"--tag must be a non-empty name without {os.sep}")
     o.envs, o.algos, o.seeds = (list(dict.fromkeys(x)) for x in (o.envs, o.algos, o.seeds))  # each run once

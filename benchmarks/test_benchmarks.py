@@ -106,11 +106,14 @@ def test_grid_runs_every_arm_once_skips_finished_runs_and_reads_only_whole_csvs_
     assert "sac_Pendulum-v1_seed4.csv: unreadable (TypeError" in table or "seed4.csv: unreadable (ValueError" in table
     assert "| Pendulum-v1 | 0.4k | " in table and "(n=1)" in table
     shutil.copy(res / "sac_Pendulum-v1_seed1.csv", res / "sac_Pendulum-v1_seed6.csv")  # a whole run of a seed not asked
-    only = script("learning.py", *grid_flags(tmp_path, "sac"), "--plot-only").stdout  # --seeds 1
+    only = script("learning.py", *grid_flags(tmp_path, "sac"), "--plot-only", "--labels", "sac=SAC 2").stdout  # seed 1
     assert "left out" not in only and "| Pendulum-v1 | 0.4k | " in only and "(n=1)" in only, only
+    assert "| SAC 2 | " in only and "| SAC | " not in only  # the aggregate names the arm by its label
 
     p = script("learning.py", *grid_flags(tmp_path, "sac"), "--jobs", "0", rc=2)
     assert p.stderr.strip().splitlines()[-1].endswith("--jobs must be ≥ 1 (got 0)")
+    p = script("learning.py", *grid_flags(tmp_path, "sac"), "--plot-only", "--labels", "sac", rc=2)
+    assert p.stderr.strip().splitlines()[-1].endswith("--labels takes ARM=NAME (got sac)")
 
 
 def processes(*parts: str) -> list[int]:
